@@ -1,0 +1,385 @@
+//! The admin API: HTTP/1.1 + JSON on the state dir's unix socket `admin.sock` (mode 0600).
+//!
+//! Every CLI command other than `site init`, `site run` and `demo` is a thin client of this
+//! API. Routes (all JSON):
+//!
+//! | method | path | body | answer |
+//! |---|---|---|---|
+//! | GET | /v1/status | | [`StatusView`] |
+//! | GET | /v1/links | | `[LinkView]` |
+//! | POST | /v1/links | [`CreateLink`] | [`LinkView`] once up |
+//! | DELETE | /v1/links/NAME | | `{}` |
+//! | POST | /v1/revocations | [`Revoke`] | [`Revoked`] |
+//! | POST | /v1/tokens | [`IssueToken`] | [`TokenIssued`] |
+//!
+//! Errors answer a 4xx/5xx status with [`ApiError`].
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// Largest request body the admin API reads.
+pub const MAX_BODY: usize = 1024 * 1024;
+
+/// The whole site at a glance.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusView {
+    /// The site itself.
+    pub site: SiteView,
+    /// Every link, outgoing and incoming.
+    pub links: Vec<LinkView>,
+    /// Grants that can still be redeemed.
+    pub active_grants: usize,
+    /// Revoked sites (ids).
+    pub revoked: Vec<Uuid>,
+}
+
+/// A site's identity and where it listens.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SiteView {
+    /// Site name.
+    pub name: String,
+    /// Site id.
+    pub id: Uuid,
+    /// skiff version of the daemon.
+    pub version: String,
+    /// The link endpoints tokens point at.
+    pub link_endpoints: Vec<String>,
+    /// The port the daemon actually listens on for links.
+    pub link_port: u16,
+}
+
+/// One link.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct LinkView {
+    /// Link name (for incoming links: the peer's site name).
+    pub name: String,
+    /// `outgoing` or `incoming`.
+    pub direction: String,
+    /// The peer site's name.
+    pub peer_site: String,
+    /// The peer site's id.
+    pub peer_id: Uuid,
+    /// `up`, `down` or `connecting`.
+    pub state: String,
+    /// Last heartbeat round trip in milliseconds, while up.
+    pub rtt_ms: Option<f64>,
+    /// Routing cost.
+    pub cost: u32,
+    /// When the state last changed (RFC 3339).
+    pub since: String,
+    /// Why the link last went down or failed.
+    pub last_error: Option<String>,
+    /// Expiry of the client certificate of an outgoing link (RFC 3339).
+    pub cert_expires: Option<String>,
+}
+
+/// Body of `POST /v1/links`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateLink {
+    /// The token file's text.
+    pub token: String,
+    /// Link name (default: the issuer's site name).
+    pub name: Option<String>,
+    /// Cost (default: the token's).
+    pub cost: Option<u32>,
+    /// How long to wait for the link to come up, in seconds (default 30).
+    pub wait_secs: Option<u64>,
+}
+
+/// Body of `POST /v1/tokens`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IssueToken {
+    /// How many times the token may be redeemed.
+    pub uses: u32,
+    /// Seconds until it expires.
+    pub expiry_secs: u64,
+    /// Cost of links made with it.
+    pub cost: u32,
+}
+
+/// Answer to `POST /v1/tokens`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenIssued {
+    /// The token file (YAML).
+    pub token: String,
+    /// The grant's id.
+    pub grant: String,
+    /// Expiry (RFC 3339).
+    pub expires: String,
+}
+
+/// Body of `POST /v1/revocations`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Revoke {
+    /// Site name or id.
+    pub site: String,
+}
+
+/// Answer to `POST /v1/revocations`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Revoked {
+    /// The revoked site's id.
+    pub id: Uuid,
+    /// Its name, if known.
+    pub name: String,
+    /// Live links that were closed.
+    pub closed_links: usize,
+}
+
+/// An error answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ApiError {
+    /// What went wrong and what to do.
+    pub error: String,
+}
+
+/// A request as the handler sees it.
+pub struct ApiRequest {
+    /// HTTP method.
+    pub method: Method,
+    /// Path, e.g. `/v1/links/dev`.
+    pub path: String,
+    /// Body bytes (at most [`MAX_BODY`]).
+    pub body: Bytes,
+}
+
+/// A handler's answer: status and JSON body.
+pub type ApiResponse = (StatusCode, Vec<u8>);
+
+/// Serialises `value` as a 200 answer.
+pub fn ok<T: Serialize>(value: &T) -> ApiResponse {
+    match serde_json::to_vec(value) {
+        Ok(body) => (StatusCode::OK, body),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// An error answer.
+pub fn error(status: StatusCode, message: impl Into<String>) -> ApiResponse {
+    let body = serde_json::to_vec(&ApiError {
+        error: message.into(),
+    })
+    .unwrap_or_default();
+    (status, body)
+}
+
+/// Parses a JSON request body, or answers 400.
+pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiResponse> {
+    serde_json::from_slice(body)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("bad request body: {e}")))
+}
+
+/// The function that answers admin requests.
+pub type Handler =
+    Arc<dyn Fn(ApiRequest) -> Pin<Box<dyn Future<Output = ApiResponse> + Send>> + Send + Sync>;
+
+/// Binds the admin socket at `path` (mode 0600), replacing a stale socket file.
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            format!(
+                "a skiff daemon is already running on {} (stop it first)",
+                path.display()
+            ),
+        ));
+    }
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Serves the admin API on `listener` until `shutdown` fires.
+pub async fn serve(listener: UnixListener, handler: Handler, shutdown: CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin socket accept failed");
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let handler = handler.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let handler = handler.clone();
+                async move { Ok::<_, Infallible>(answer(req, handler).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                result = conn => {
+                    if let Err(e) = result {
+                        tracing::debug!(error = %e, "admin connection ended");
+                    }
+                }
+                _ = shutdown.cancelled() => {}
+            }
+        });
+    }
+}
+
+async fn answer(req: Request<hyper::body::Incoming>, handler: Handler) -> Response<Full<Bytes>> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let (status, body) = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(collected) => {
+            handler(ApiRequest {
+                method,
+                path,
+                body: collected.to_bytes(),
+            })
+            .await
+        }
+        Err(e) => error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body refused: {e}"),
+        ),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// Why an admin request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No daemon answers on the socket.
+    #[error(
+        "no skiff daemon is running for state dir {dir} ({reason}); start it with: \
+         skiff --state-dir {dir} site run"
+    )]
+    NotRunning {
+        /// The state dir.
+        dir: String,
+        /// The connect error.
+        reason: String,
+    },
+    /// The daemon answered with an error.
+    #[error("{0}")]
+    Api(String),
+    /// The exchange itself failed.
+    #[error("admin API: {0}")]
+    Protocol(String),
+}
+
+/// A client of a daemon's admin API.
+#[derive(Clone, Debug)]
+pub struct Client {
+    socket: PathBuf,
+    dir: PathBuf,
+}
+
+impl Client {
+    /// A client for the daemon of state dir `dir`.
+    pub fn new(dir: &Path) -> Self {
+        Client {
+            socket: dir.join("admin.sock"),
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// `GET path`.
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.call(Method::GET, path, None::<&()>).await
+    }
+
+    /// `POST path` with a JSON body.
+    pub async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        self.call(Method::POST, path, Some(body)).await
+    }
+
+    /// `DELETE path`.
+    pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.call(Method::DELETE, path, None::<&()>).await
+    }
+
+    async fn call<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T, ClientError> {
+        let stream = UnixStream::connect(&self.socket).await.map_err(|e| {
+            let reason = match e.kind() {
+                std::io::ErrorKind::NotFound => "its admin socket does not exist".to_string(),
+                std::io::ErrorKind::ConnectionRefused => "its admin socket is stale".to_string(),
+                _ => e.to_string(),
+            };
+            ClientError::NotRunning {
+                dir: self.dir.display().to_string(),
+                reason,
+            }
+        })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        tokio::spawn(conn);
+        let body = match body {
+            Some(b) => {
+                serde_json::to_vec(b).map_err(|e| ClientError::Protocol(e.to_string()))?
+            }
+            None => Vec::new(),
+        };
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, "skiff")
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?
+            .to_bytes();
+        if !status.is_success() {
+            let message = serde_json::from_slice::<ApiError>(&bytes)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| format!("daemon answered {status}"));
+            return Err(ClientError::Api(message));
+        }
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+}

@@ -1,0 +1,810 @@
+//! The site daemon: one router, the grant server on the link port, and the admin API.
+//!
+//! [`run`] is handed its listeners already bound (the binary binds them, the demo binds
+//! loopback port 0) and a shutdown token; it returns once the token fires and everything has
+//! stopped.
+//!
+//! Concurrency: the site's mutable state (`State`) sits behind one std mutex that is never held
+//! across an `.await`; each change is persisted (atomically) while the lock is held, so the file
+//! on disk and memory change together and a failed write (a full disk) rolls the change back.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use hyper::{Method, StatusCode};
+use skiff_certs::{Authority, CertifiedKey, Revocations};
+use skiff_router::{Direction, LinkState, LinkStatus, Router, ALPN_LINK};
+use subtle::ConstantTimeEq;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::admin::{self, ApiRequest, ApiResponse};
+use crate::claim::{self, ClaimRequest, ClaimResponse, ALPN_CLAIM};
+use crate::model::{self, Grant, LinkRecord, PeerRecord, SiteConfig, State};
+use crate::store::{Mode, Store};
+use crate::token::{AccessToken, Issuer, Metadata, Secret, TokenSpec};
+use crate::Error;
+
+/// Most TLS handshakes on the link port in progress at once; more wait in the kernel backlog.
+const MAX_HANDSHAKES: usize = 256;
+/// Limit for a TLS handshake on the link port (slow clients are dropped).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default wait for `link create`.
+const DEFAULT_LINK_WAIT: Duration = Duration::from_secs(30);
+
+/// Settings for a new site (`skiff site init`).
+#[derive(Clone, Debug)]
+pub struct InitOptions {
+    /// Site name.
+    pub name: String,
+    /// Link hosts (default `127.0.0.1`).
+    pub link_hosts: Vec<String>,
+    /// Link port.
+    pub link_port: u16,
+    /// Metrics address.
+    pub metrics_addr: Option<String>,
+    /// Lifetime of the client certificates this site issues.
+    pub cert_lifetime: Duration,
+}
+
+/// Creates a site in `store`: its id, its CA and its settings.
+pub fn init(store: &Store, options: InitOptions) -> Result<SiteConfig, Error> {
+    model::check_name("site", &options.name)?;
+    if store.exists() {
+        return Err(Error::SiteExists(store.dir().to_path_buf()));
+    }
+    if options.cert_lifetime < Duration::from_secs(5) {
+        return Err(Error::Invalid(
+            "--cert-lifetime must be at least 5s (certificates are renewed at two thirds of it)"
+                .into(),
+        ));
+    }
+    let link_hosts = if options.link_hosts.is_empty() {
+        vec!["127.0.0.1".to_string()]
+    } else {
+        options.link_hosts
+    };
+    for host in &link_hosts {
+        if rustls::pki_types::ServerName::try_from(host.as_str()).is_err() {
+            return Err(Error::Invalid(format!(
+                "--link-host {host:?} is neither a DNS name nor an IP address"
+            )));
+        }
+    }
+    let config = SiteConfig {
+        name: options.name,
+        id: Uuid::new_v4(),
+        link_hosts,
+        link_port: options.link_port,
+        metrics_addr: options.metrics_addr,
+        cert_lifetime_secs: options.cert_lifetime.as_secs(),
+    };
+    store.create_dir()?;
+    let authority = Authority::generate(config.id, &config.name)?;
+    store.write("ca.key", authority.key_pem().as_bytes(), Mode::Private)?;
+    store.write("ca.pem", authority.cert_pem().as_bytes(), Mode::Public)?;
+    store.save_state(&State::default())?;
+    // site.json last: its presence is what marks the site as initialised.
+    store.save_config(&config)?;
+    Ok(config)
+}
+
+/// The sockets a daemon serves, bound by the caller.
+pub struct Listeners {
+    /// The link port (links and token redemption).
+    pub link: TcpListener,
+    /// The admin socket.
+    pub admin: UnixListener,
+    /// The metrics/health address, if any.
+    pub metrics: Option<TcpListener>,
+}
+
+/// The parts of a site the router's hooks need (no router inside, so no cycle).
+struct Core {
+    config: SiteConfig,
+    store: Store,
+    authority: Authority,
+    revocations: Revocations,
+    state: Mutex<State>,
+}
+
+/// A running site.
+pub struct Site {
+    core: Arc<Core>,
+    router: Router,
+    link_port: u16,
+    server_tls: Arc<rustls::ServerConfig>,
+}
+
+/// Runs the site daemon in `store` until `shutdown` fires.
+pub async fn run(store: Store, listeners: Listeners, shutdown: CancellationToken) -> Result<(), Error> {
+    let site = Arc::new(Site::load(store, &listeners, shutdown.child_token())?);
+    tracing::info!(
+        site = %site.core.config.name,
+        id = %site.core.config.id,
+        link_port = site.link_port,
+        "site running"
+    );
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(accept_links(site.clone(), listeners.link, shutdown.clone()));
+    let handler_site = site.clone();
+    let handler: admin::Handler = Arc::new(move |req| {
+        let site = handler_site.clone();
+        Box::pin(async move { site.handle(req).await })
+    });
+    tasks.spawn(admin::serve(listeners.admin, handler, shutdown.clone()));
+    if let Some(metrics) = listeners.metrics {
+        tasks.spawn(serve_health(metrics, shutdown.clone()));
+    }
+    shutdown.cancelled().await;
+    // Every task watches the same token; wait (bounded) for them to wind down.
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    let _ = std::fs::remove_file(site.core.store.admin_socket());
+    tracing::info!("site stopped");
+    Ok(())
+}
+
+impl Site {
+    fn load(store: Store, listeners: &Listeners, shutdown: CancellationToken) -> Result<Self, Error> {
+        let config = store.load_config()?;
+        let authority = Authority::from_pem(&store.read("ca.pem")?, &store.read("ca.key")?)?;
+        let state = store.load_state()?;
+        let link_port = listeners
+            .link
+            .local_addr()
+            .map(|a| a.port())
+            .unwrap_or(config.link_port);
+        let server = authority.issue_server(&config.link_hosts, model::SERVER_CERT_LIFETIME)?;
+        let revocations = Revocations::new(state.revoked.iter().copied());
+        let server_tls = skiff_certs::server_config(
+            authority.cert_pem(),
+            &server,
+            revocations.clone(),
+            &[ALPN_LINK, ALPN_CLAIM],
+        )?;
+        let links = state.links.clone();
+        let core = Arc::new(Core {
+            config: config.clone(),
+            store,
+            authority,
+            revocations,
+            state: Mutex::new(state),
+        });
+        let router = Router::new(
+            skiff_router::Config::new(config.id, config.name.clone()),
+            core.clone(),
+            shutdown,
+        );
+        for record in links {
+            match core.link_cert(&record.name) {
+                Ok(cert) => router.add_link(outgoing(&record, cert)),
+                Err(e) => tracing::error!(link = %record.name, error = %e, "link not started"),
+            }
+        }
+        Ok(Site {
+            core,
+            router,
+            link_port,
+            server_tls,
+        })
+    }
+
+    async fn handle(&self, req: ApiRequest) -> ApiResponse {
+        let path = req.path.trim_end_matches('/');
+        match (&req.method, path) {
+            (&Method::GET, "/v1/status") => admin::ok(&self.status()),
+            (&Method::GET, "/v1/links") => admin::ok(&self.link_views()),
+            (&Method::POST, "/v1/links") => match admin::parse(&req.body) {
+                Ok(body) => self.create_link(body).await,
+                Err(e) => e,
+            },
+            (&Method::POST, "/v1/tokens") => match admin::parse(&req.body) {
+                Ok(body) => self.issue_token(body),
+                Err(e) => e,
+            },
+            (&Method::POST, "/v1/revocations") => match admin::parse(&req.body) {
+                Ok(body) => self.revoke(body),
+                Err(e) => e,
+            },
+            (&Method::DELETE, p) if p.starts_with("/v1/links/") => {
+                self.delete_link(&p["/v1/links/".len()..])
+            }
+            _ => admin::error(
+                StatusCode::NOT_FOUND,
+                format!("no such admin API route: {} {}", req.method, req.path),
+            ),
+        }
+    }
+
+    fn status(&self) -> admin::StatusView {
+        let now = model::unix_now();
+        let state = self.core.lock();
+        admin::StatusView {
+            site: admin::SiteView {
+                name: self.core.config.name.clone(),
+                id: self.core.config.id,
+                version: skiff_router::VERSION.into(),
+                link_endpoints: self.endpoints(),
+                link_port: self.link_port,
+            },
+            links: self.link_views(),
+            active_grants: state
+                .grants
+                .iter()
+                .filter(|g| g.uses_left > 0 && g.expires > now)
+                .count(),
+            revoked: state.revoked.clone(),
+        }
+    }
+
+    fn endpoints(&self) -> Vec<String> {
+        let mut config = self.core.config.clone();
+        config.link_port = self.link_port;
+        config.endpoints()
+    }
+
+    fn link_views(&self) -> Vec<admin::LinkView> {
+        self.router.links().iter().map(link_view).collect()
+    }
+
+    fn issue_token(&self, req: admin::IssueToken) -> ApiResponse {
+        if req.uses == 0 {
+            return admin::error(StatusCode::BAD_REQUEST, "--uses must be at least 1");
+        }
+        if req.expiry_secs == 0 || req.expiry_secs > 365 * 24 * 3600 {
+            return admin::error(
+                StatusCode::BAD_REQUEST,
+                "--expiry must be more than 0s and at most 365d",
+            );
+        }
+        let code = hex(&rand::random::<[u8; 20]>());
+        let now = model::unix_now();
+        let grant = Grant {
+            id: format!("{}-{}", self.core.config.name, hex(&rand::random::<[u8; 4]>())),
+            code_sha256: hex(&sha256(code.as_bytes())),
+            uses_left: req.uses,
+            expires: now + req.expiry_secs,
+            cost: req.cost,
+        };
+        let token = AccessToken {
+            api_version: crate::token::API_VERSION.into(),
+            kind: crate::token::KIND.into(),
+            metadata: Metadata {
+                name: grant.id.clone(),
+            },
+            spec: TokenSpec {
+                endpoints: self.endpoints(),
+                code: Secret(code),
+                ca: self.core.authority.cert_pem().to_string(),
+                cost: req.cost,
+                expires: model::rfc3339(grant.expires),
+                issuer: Issuer {
+                    name: self.core.config.name.clone(),
+                    id: self.core.config.id,
+                },
+            },
+        };
+        let issued = admin::TokenIssued {
+            token: token.to_yaml(),
+            grant: grant.id.clone(),
+            expires: token.spec.expires.clone(),
+        };
+        let saved = self.core.change(|state| {
+            // Spent or long-expired grants are only kept a day, for clear refusal messages.
+            state
+                .grants
+                .retain(|g| g.expires + 24 * 3600 > now && (g.uses_left > 0 || g.expires > now));
+            state.grants.push(grant);
+            Ok(())
+        });
+        match saved {
+            Ok(()) => {
+                tracing::info!(grant = %issued.grant, uses = req.uses, "token issued");
+                admin::ok(&issued)
+            }
+            Err(e) => admin::error(
+                StatusCode::INSUFFICIENT_STORAGE,
+                format!("token not issued: {e}"),
+            ),
+        }
+    }
+
+    async fn create_link(&self, req: admin::CreateLink) -> ApiResponse {
+        let bad = |m: String| admin::error(StatusCode::BAD_REQUEST, m);
+        let token = match AccessToken::parse(&req.token) {
+            Ok(token) => token,
+            Err(e) => return bad(e.to_string()),
+        };
+        let config = &self.core.config;
+        let issuer = &token.spec.issuer;
+        if issuer.id == config.id {
+            return bad(format!(
+                "this token was issued by site {} itself; a site cannot link to itself — \
+                 redeem it on the other site",
+                config.name
+            ));
+        }
+        let name = req.name.clone().unwrap_or_else(|| issuer.name.clone());
+        if let Err(e) = model::check_name("link", &name) {
+            return bad(e.to_string());
+        }
+        if self.core.lock().links.iter().any(|l| l.name == name) {
+            return admin::error(
+                StatusCode::CONFLICT,
+                format!("a link named {name} already exists; pick another with --name, or delete it first"),
+            );
+        }
+        if let Some(existing) = self.router.link_with(issuer.id) {
+            if existing.direction == Direction::Outgoing || existing.state == LinkState::Up {
+                return admin::error(StatusCode::CONFLICT, duplicate_message(config, &existing));
+            }
+        }
+        let (key_pem, csr_pem) = match skiff_certs::generate_csr(config.id, &config.name) {
+            Ok(pair) => pair,
+            Err(e) => return admin::error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        };
+        let cert_pem = match claim::redeem(&token, config.id, &config.name, &csr_pem).await {
+            Ok(cert) => cert,
+            Err(e) => return admin::error(StatusCode::BAD_GATEWAY, e.to_string()),
+        };
+        let cert = CertifiedKey { cert_pem, key_pem };
+        match cert.site_id() {
+            Ok(id) if id == config.id => {}
+            _ => {
+                return admin::error(
+                    StatusCode::BAD_GATEWAY,
+                    "the issuing site returned a certificate for another site",
+                )
+            }
+        }
+        let record = LinkRecord {
+            name: name.clone(),
+            peer_id: issuer.id,
+            peer_name: issuer.name.clone(),
+            endpoints: token.spec.endpoints.clone(),
+            peer_ca: token.spec.ca.clone(),
+            cost: req.cost.unwrap_or(token.spec.cost),
+        };
+        let saved = self.core.save_link_cert(&name, &cert).and_then(|()| {
+            self.core.change(|state| {
+                state.links.push(record.clone());
+                Ok(())
+            })
+        });
+        if let Err(e) = saved {
+            return admin::error(
+                StatusCode::INSUFFICIENT_STORAGE,
+                format!(
+                    "the token was redeemed but the link could not be saved ({e}); free space \
+                     and ask for a new token"
+                ),
+            );
+        }
+        tracing::info!(link = %name, peer = %issuer.name, "link created");
+        self.router.add_link(outgoing(&record, cert));
+        let wait = req
+            .wait_secs
+            .map(Duration::from_secs)
+            .unwrap_or(DEFAULT_LINK_WAIT);
+        match self.router.wait_up(&name, wait).await {
+            Ok(status) => admin::ok(&link_view(&status)),
+            Err(reason) => admin::error(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "link {name} was created but is not up: {reason}. It keeps retrying \
+                     (see skiff link status); remove it with skiff link delete {name}"
+                ),
+            ),
+        }
+    }
+
+    fn delete_link(&self, name: &str) -> ApiResponse {
+        let removed = self.core.change(|state| {
+            let before = state.links.len();
+            state.links.retain(|l| l.name != name);
+            if state.links.len() == before {
+                return Err(Error::Invalid(String::new()));
+            }
+            Ok(())
+        });
+        match removed {
+            Ok(()) => {
+                self.router.remove_link(name);
+                let _ = self.core.store.remove(&format!("links/{name}.pem"));
+                tracing::info!(link = %name, "link deleted");
+                admin::ok(&serde_json::json!({}))
+            }
+            Err(Error::Invalid(_)) => {
+                let incoming = self
+                    .router
+                    .links()
+                    .into_iter()
+                    .any(|l| l.direction == Direction::Incoming && l.name == name);
+                let message = if incoming {
+                    format!(
+                        "{name} is an incoming link: the site that created it deletes it, or \
+                         refuse that site here with skiff link revoke {name}"
+                    )
+                } else {
+                    format!("no link named {name} (see skiff link status)")
+                };
+                admin::error(StatusCode::NOT_FOUND, message)
+            }
+            Err(e) => admin::error(StatusCode::INSUFFICIENT_STORAGE, e.to_string()),
+        }
+    }
+
+    fn revoke(&self, req: admin::Revoke) -> ApiResponse {
+        let links = self.router.links();
+        let target = {
+            let state = self.core.lock();
+            let by_id = Uuid::parse_str(&req.site).ok();
+            state
+                .peers
+                .iter()
+                .rev()
+                .find(|p| Some(p.id) == by_id || p.name == req.site)
+                .map(|p| (p.id, p.name.clone()))
+                .or_else(|| {
+                    links
+                        .iter()
+                        .find(|l| {
+                            l.direction == Direction::Incoming
+                                && (Some(l.peer_site) == by_id || l.peer_name == req.site)
+                        })
+                        .map(|l| (l.peer_site, l.peer_name.clone()))
+                })
+                .or_else(|| by_id.map(|id| (id, String::new())))
+        };
+        let Some((id, name)) = target else {
+            let outgoing = links
+                .iter()
+                .any(|l| l.direction == Direction::Outgoing && l.peer_name == req.site);
+            let message = if outgoing {
+                format!(
+                    "this site links to {0} (an outgoing link); revocation is for sites that \
+                     link to this one — use skiff link delete instead",
+                    req.site
+                )
+            } else {
+                format!("no site named {} has linked to this site", req.site)
+            };
+            return admin::error(StatusCode::NOT_FOUND, message);
+        };
+        if let Err(e) = self.core.change(|state| {
+            if !state.revoked.contains(&id) {
+                state.revoked.push(id);
+            }
+            Ok(())
+        }) {
+            return admin::error(StatusCode::INSUFFICIENT_STORAGE, e.to_string());
+        }
+        // Order matters: refuse new handshakes first, then cut the live links, so the revoked
+        // site cannot slip back in between the two.
+        self.core.revocations.revoke(id);
+        let closed_links = links
+            .iter()
+            .filter(|l| l.direction == Direction::Incoming && l.peer_site == id)
+            .count();
+        self.router.close_site(id);
+        tracing::warn!(site = %name, %id, "site revoked");
+        admin::ok(&admin::Revoked {
+            id,
+            name,
+            closed_links,
+        })
+    }
+
+    /// Answers one redemption on the link port.
+    async fn serve_claim(&self, mut tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>) {
+        let request = match tokio::time::timeout(HANDSHAKE_TIMEOUT, claim::read_frame(&mut tls)).await {
+            Ok(Ok(raw)) => serde_json::from_slice::<ClaimRequest>(&raw)
+                .map_err(|e| format!("malformed claim: {e}")),
+            Ok(Err(e)) => Err(format!("unreadable claim: {e}")),
+            Err(_) => Err("no claim sent within 10 s".to_string()),
+        };
+        let response = match request.and_then(|r| self.redeem(r)) {
+            Ok(cert) => ClaimResponse::Granted { cert },
+            Err(reason) => {
+                tracing::warn!(%reason, "token redemption refused");
+                ClaimResponse::Refused { reason }
+            }
+        };
+        if let Ok(body) = serde_json::to_vec(&response) {
+            let _ = claim::write_frame(&mut tls, &body).await;
+        }
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls).await;
+    }
+
+    fn redeem(&self, req: ClaimRequest) -> Result<String, String> {
+        let config = &self.core.config;
+        model::check_name("site", &req.site_name).map_err(|e| e.to_string())?;
+        if req.site_id == config.id {
+            return Err(format!("site {} cannot link to itself", config.name));
+        }
+        if self.core.revocations.is_revoked(req.site_id) {
+            return Err(format!(
+                "site {} ({}) was revoked by site {}",
+                req.site_name, req.site_id, config.name
+            ));
+        }
+        if let Some(existing) = self.router.link_with(req.site_id) {
+            if existing.direction == Direction::Outgoing || existing.state == LinkState::Up {
+                return Err(duplicate_message(config, &existing));
+            }
+        }
+        let presented = sha256(req.code.0.as_bytes());
+        let now = model::unix_now();
+        let lifetime = config.cert_lifetime();
+        self.core
+            .change(|state| {
+                let grant = state
+                    .grants
+                    .iter_mut()
+                    .find(|g| g.id == req.grant)
+                    .filter(|g| unhex(&g.code_sha256).ct_eq(&presented).into());
+                let Some(grant) = grant else {
+                    return Err(Error::Invalid(
+                        "the token is not valid here (unknown grant or wrong code); ask for a new token"
+                            .into(),
+                    ));
+                };
+                if grant.expires <= now {
+                    return Err(Error::Invalid(format!(
+                        "the token expired at {}; ask for a new token",
+                        model::rfc3339(grant.expires)
+                    )));
+                }
+                if grant.uses_left == 0 {
+                    return Err(Error::Invalid(
+                        "the token was already used; ask for a new token".into(),
+                    ));
+                }
+                grant.uses_left -= 1;
+                let grant = grant.id.clone();
+                state.peers.retain(|p| p.id != req.site_id);
+                state.peers.push(PeerRecord {
+                    id: req.site_id,
+                    name: req.site_name.clone(),
+                    grant,
+                    linked_at: now,
+                });
+                Ok(())
+            })
+            .map_err(|e| e.to_string())?;
+        // The use is on disk; only now is the certificate handed out.
+        let cert = self
+            .core
+            .authority
+            .sign_client_csr(&req.csr, req.site_id, &req.site_name, lifetime)
+            .map_err(|e| format!("the certificate request was refused: {e}"))?;
+        tracing::info!(site = %req.site_name, id = %req.site_id, "token redeemed");
+        Ok(cert)
+    }
+}
+
+impl Core {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Applies `f` to a copy of the state and persists it; memory changes only if the write
+    /// succeeded, so a full disk leaves both the file and the running site as they were.
+    fn change(&self, f: impl FnOnce(&mut State) -> Result<(), Error>) -> Result<(), Error> {
+        let mut state = self.lock();
+        let mut next = state.clone();
+        f(&mut next)?;
+        self.store.save_state(&next)?;
+        *state = next;
+        Ok(())
+    }
+
+    fn link_cert(&self, name: &str) -> Result<CertifiedKey, Error> {
+        let pem = self.store.read(&format!("links/{name}.pem"))?;
+        split_pem(&pem).ok_or_else(|| Error::Corrupt {
+            path: self.store.dir().join(format!("links/{name}.pem")),
+            reason: "expected a certificate followed by its private key".into(),
+        })
+    }
+
+    /// Certificate and key go in one 0600 file so a renewal replaces both in one atomic rename.
+    fn save_link_cert(&self, name: &str, cert: &CertifiedKey) -> Result<(), Error> {
+        let joined = format!("{}\n{}", cert.cert_pem.trim_end(), cert.key_pem);
+        self.store
+            .write(&format!("links/{name}.pem"), joined.as_bytes(), Mode::Private)
+    }
+}
+
+impl skiff_router::Hooks for Core {
+    fn renew(&self, peer: Uuid, peer_name: &str, csr_pem: &str) -> Result<String, String> {
+        if self.revocations.is_revoked(peer) {
+            return Err(format!("site {peer_name} was revoked"));
+        }
+        self.authority
+            .sign_client_csr(csr_pem, peer, peer_name, self.config.cert_lifetime())
+            .map_err(|e| e.to_string())
+    }
+
+    fn renewed(&self, name: &str, cert: &CertifiedKey) -> Result<(), String> {
+        self.save_link_cert(name, cert).map_err(|e| e.to_string())
+    }
+}
+
+async fn accept_links(site: Arc<Site>, listener: TcpListener, shutdown: CancellationToken) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(site.server_tls.clone());
+    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    loop {
+        let (tcp, from) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Usually fd exhaustion: back off instead of spinning.
+                    tracing::warn!(error = %e, "link port accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let Ok(permit) = handshakes.clone().acquire_owned().await else {
+            break;
+        };
+        let _ = tcp.set_nodelay(true);
+        let (site, acceptor) = (site.clone(), acceptor.clone());
+        tokio::spawn(async move {
+            let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+            drop(permit);
+            let tls = match tls {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::warn!(%from, error = %e, "TLS handshake on the link port failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(%from, "TLS handshake on the link port timed out");
+                    return;
+                }
+            };
+            match tls.get_ref().1.alpn_protocol() {
+                Some(p) if p == ALPN_LINK => site.router.accept(tls).await,
+                Some(p) if p == ALPN_CLAIM => site.serve_claim(tls).await,
+                _ => tracing::warn!(%from, "link port connection without a skiff ALPN refused"),
+            }
+        });
+    }
+}
+
+async fn serve_health(listener: TcpListener, shutdown: CancellationToken) {
+    use http_body_util::Full;
+    use hyper_util::rt::TokioIo;
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(_) => continue,
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                let (status, body) = match req.uri().path() {
+                    "/healthz" | "/readyz" => (StatusCode::OK, "ok\n"),
+                    _ => (StatusCode::NOT_FOUND, "not found\n"),
+                };
+                let mut response = hyper::Response::new(Full::new(bytes::Bytes::from_static(body.as_bytes())));
+                *response.status_mut() = status;
+                Ok::<_, std::convert::Infallible>(response)
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn outgoing(record: &LinkRecord, cert: CertifiedKey) -> skiff_router::OutgoingLink {
+    skiff_router::OutgoingLink {
+        name: record.name.clone(),
+        peer_site: record.peer_id,
+        peer_name: record.peer_name.clone(),
+        endpoints: record.endpoints.clone(),
+        peer_ca_pem: record.peer_ca.clone(),
+        cert,
+        cost: record.cost,
+    }
+}
+
+fn duplicate_message(config: &SiteConfig, existing: &LinkStatus) -> String {
+    match existing.direction {
+        Direction::Outgoing => format!(
+            "site {} already links to site {} (link {}); two sites are linked once, in one direction",
+            config.name, existing.peer_name, existing.name
+        ),
+        Direction::Incoming => format!(
+            "site {} is already linked to site {} (an incoming link); two sites are linked once, \
+             in one direction",
+            config.name, existing.peer_name
+        ),
+    }
+}
+
+fn link_view(status: &LinkStatus) -> admin::LinkView {
+    admin::LinkView {
+        name: status.name.clone(),
+        direction: match status.direction {
+            Direction::Outgoing => "outgoing".into(),
+            Direction::Incoming => "incoming".into(),
+        },
+        peer_site: status.peer_name.clone(),
+        peer_id: status.peer_site,
+        state: status.state.as_str().into(),
+        rtt_ms: status.rtt.map(|d| d.as_secs_f64() * 1000.0),
+        cost: status.cost,
+        since: humantime::format_rfc3339_seconds(status.since).to_string(),
+        last_error: status.last_error.clone(),
+        cert_expires: status
+            .cert_expires
+            .map(|t: SystemTime| humantime::format_rfc3339_seconds(t).to_string()),
+    }
+}
+
+/// Splits "certificate PEM + private key PEM" as [`Core::save_link_cert`] writes it.
+fn split_pem(pem: &str) -> Option<CertifiedKey> {
+    let at = pem.find("-----BEGIN PRIVATE KEY-----")?;
+    let (cert, key) = pem.split_at(at);
+    if !cert.contains("-----BEGIN CERTIFICATE-----") {
+        return None;
+    }
+    Some(CertifiedKey {
+        cert_pem: cert.trim_end().to_string() + "\n",
+        key_pem: key.to_string(),
+    })
+}
+
+fn sha256(data: &[u8]) -> [u8; 32] {
+    let digest = ring::digest::digest(&ring::digest::SHA256, data);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.as_ref());
+    out
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Vec<u8> {
+    (0..text.len() / 2)
+        .filter_map(|i| text.get(2 * i..2 * i + 2))
+        .filter_map(|pair| u8::from_str_radix(pair, 16).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_round_trip() {
+        let bytes = [0u8, 1, 0xab, 0xff];
+        assert_eq!(unhex(&hex(&bytes)), bytes);
+    }
+
+    #[test]
+    fn link_cert_file_round_trip() {
+        let authority = Authority::generate(Uuid::new_v4(), "a").unwrap();
+        let (key, csr) = skiff_certs::generate_csr(Uuid::new_v4(), "b").unwrap();
+        let cert = authority
+            .sign_client_csr(&csr, Uuid::new_v4(), "b", Duration::from_secs(60))
+            .unwrap();
+        let joined = format!("{}\n{}", cert.trim_end(), key);
+        let split = split_pem(&joined).unwrap();
+        assert_eq!(split.key_pem, key);
+        assert_eq!(split.cert_pem.trim(), cert.trim());
+        assert!(split_pem("garbage").is_none());
+    }
+}

@@ -1,0 +1,414 @@
+//! skiff's data plane.
+//!
+//! A [`Router`] keeps one site's links to its peers: it dials the links this site created (with
+//! capped, jittered exponential backoff), accepts the links other sites open to it, runs each
+//! link's control stream (hello, heartbeats with RTT, client-certificate renewal) and reports
+//! every link's state.
+//!
+//! - [`proto`] is the sans-IO core: wire messages and prefaces, no sockets, no clock.
+//! - [`link`] is the tokio side: transports (TLS + HTTP/2 today) and link sessions.
+//!
+//! The router never reads files, flags or the environment: whatever must persist (a renewed
+//! certificate) or be decided by the site's authority (signing a renewal) goes through
+//! [`Hooks`], which the control part implements.
+
+#![forbid(unsafe_code)]
+
+pub mod link;
+pub mod proto;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use skiff_certs::CertifiedKey;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+pub use link::transport::StreamError;
+
+/// ALPN protocol id of link connections on the link port.
+pub const ALPN_LINK: &[u8] = b"skiff-link/1";
+
+/// The skiff version this router announces in its hello.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Router settings (everything has a named default in [`Config::new`]).
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// This site's id (the identity in its certificates).
+    pub site_id: Uuid,
+    /// This site's name.
+    pub site_name: String,
+    /// How often each side sends a heartbeat on a link.
+    pub heartbeat_interval: Duration,
+    /// A link whose peer has sent nothing for this long is declared dead.
+    pub dead_after: Duration,
+    /// Limit for a TCP connect to a peer.
+    pub connect_timeout: Duration,
+    /// Limit for a TLS handshake plus the link's hello exchange.
+    pub handshake_timeout: Duration,
+    /// First reconnect delay after a failure.
+    pub backoff_min: Duration,
+    /// Largest reconnect delay.
+    pub backoff_max: Duration,
+}
+
+impl Config {
+    /// Defaults: heartbeat every 250 ms, dead after 1 s of silence, 5 s connect and handshake
+    /// limits, reconnect backoff from 100 ms up to 5 s.
+    pub fn new(site_id: Uuid, site_name: impl Into<String>) -> Self {
+        Config {
+            site_id,
+            site_name: site_name.into(),
+            heartbeat_interval: Duration::from_millis(250),
+            dead_after: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(5),
+            handshake_timeout: Duration::from_secs(5),
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What the router asks of the site that owns it.
+pub trait Hooks: Send + Sync + 'static {
+    /// Accepting side: sign a fresh client certificate for `peer`, or say why not (for example
+    /// because the site was revoked). Returns the certificate PEM.
+    fn renew(&self, peer: Uuid, peer_name: &str, csr_pem: &str) -> Result<String, String>;
+    /// Linking side: the peer renewed the client certificate of link `name`. Must persist it
+    /// before returning: the router uses it for every later connection.
+    fn renewed(&self, name: &str, cert: &CertifiedKey) -> Result<(), String>;
+}
+
+/// A link this site dials.
+#[derive(Clone, Debug)]
+pub struct OutgoingLink {
+    /// Local name of the link.
+    pub name: String,
+    /// The peer site's id (its certificates must carry it).
+    pub peer_site: Uuid,
+    /// The peer site's name.
+    pub peer_name: String,
+    /// `host:port` endpoints of the peer's link port, tried in order.
+    pub endpoints: Vec<String>,
+    /// The peer site's CA certificate (PEM): the root of trust for this link.
+    pub peer_ca_pem: String,
+    /// The client certificate and key this site presents.
+    pub cert: CertifiedKey,
+    /// The link's cost for routing.
+    pub cost: u32,
+}
+
+/// Who opened a link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// This site dials the peer.
+    Outgoing,
+    /// The peer dials this site.
+    Incoming,
+}
+
+/// The state of a link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkState {
+    /// Connected, hello exchanged, heartbeats flowing.
+    Up,
+    /// Not connected; an outgoing link retries after a backoff.
+    Down,
+    /// A connection attempt is under way.
+    Connecting,
+}
+
+impl LinkState {
+    /// The word used in the CLI and its JSON output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkState::Up => "up",
+            LinkState::Down => "down",
+            LinkState::Connecting => "connecting",
+        }
+    }
+}
+
+/// A snapshot of one link.
+#[derive(Clone, Debug)]
+pub struct LinkStatus {
+    /// The link's name (for incoming links, the peer site's name).
+    pub name: String,
+    /// Who opened it.
+    pub direction: Direction,
+    /// The peer site's id.
+    pub peer_site: Uuid,
+    /// The peer site's name.
+    pub peer_name: String,
+    /// Current state.
+    pub state: LinkState,
+    /// Last measured round-trip time of a heartbeat, while up.
+    pub rtt: Option<Duration>,
+    /// Routing cost.
+    pub cost: u32,
+    /// When the state last changed.
+    pub since: SystemTime,
+    /// Why the link last went down or failed to come up.
+    pub last_error: Option<String>,
+    /// When the client certificate of an outgoing link expires.
+    pub cert_expires: Option<SystemTime>,
+    /// How many times the link came up.
+    pub connects: u64,
+}
+
+/// The handle to a site's router. Cheap to clone.
+#[derive(Clone)]
+pub struct Router {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) config: Config,
+    pub(crate) hooks: Arc<dyn Hooks>,
+    pub(crate) links: Mutex<Links>,
+    pub(crate) pending: Mutex<link::accept::Pending>,
+    pub(crate) changed: watch::Sender<u64>,
+    pub(crate) shutdown: CancellationToken,
+}
+
+#[derive(Default)]
+pub(crate) struct Links {
+    pub(crate) outgoing: BTreeMap<String, Outgoing>,
+    pub(crate) incoming: BTreeMap<Uuid, Incoming>,
+    next_session: u64,
+}
+
+pub(crate) struct Outgoing {
+    pub(crate) status: LinkStatus,
+    pub(crate) cancel: CancellationToken,
+}
+
+pub(crate) struct Incoming {
+    pub(crate) status: LinkStatus,
+    pub(crate) cancel: CancellationToken,
+    pub(crate) session: u64,
+}
+
+impl Router {
+    /// A router with no links yet. Every task it spawns stops when `shutdown` is cancelled.
+    pub fn new(config: Config, hooks: Arc<dyn Hooks>, shutdown: CancellationToken) -> Self {
+        Router {
+            inner: Arc::new(Inner {
+                config,
+                hooks,
+                links: Mutex::new(Links::default()),
+                pending: Mutex::new(link::accept::Pending::default()),
+                changed: watch::channel(0).0,
+                shutdown,
+            }),
+        }
+    }
+
+    /// This router's settings.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// Starts dialing `link` (and redialing it whenever it drops) until it is removed.
+    /// Replaces a link of the same name.
+    pub fn add_link(&self, link: OutgoingLink) {
+        let cancel = self.inner.shutdown.child_token();
+        let status = LinkStatus {
+            name: link.name.clone(),
+            direction: Direction::Outgoing,
+            peer_site: link.peer_site,
+            peer_name: link.peer_name.clone(),
+            state: LinkState::Connecting,
+            rtt: None,
+            cost: link.cost,
+            since: SystemTime::now(),
+            last_error: None,
+            cert_expires: link.cert.not_after().ok(),
+            connects: 0,
+        };
+        let previous = self.inner.update(|links| {
+            links.outgoing.insert(
+                link.name.clone(),
+                Outgoing {
+                    status,
+                    cancel: cancel.clone(),
+                },
+            )
+        });
+        if let Some(previous) = previous {
+            previous.cancel.cancel();
+        }
+        tokio::spawn(link::dial::run(self.inner.clone(), link, cancel));
+    }
+
+    /// Stops and forgets the outgoing link `name`; false if there is none.
+    pub fn remove_link(&self, name: &str) -> bool {
+        match self.inner.update(|links| links.outgoing.remove(name)) {
+            Some(link) => {
+                link.cancel.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Closes every link with `site` at once and forgets its incoming links (used on revocation;
+    /// the TLS layer refuses the site's next handshakes).
+    pub fn close_site(&self, site: Uuid) {
+        let closed = self.inner.update(|links| links.incoming.remove(&site));
+        if let Some(link) = closed {
+            link.cancel.cancel();
+        }
+    }
+
+    /// Hands an accepted TLS connection (ALPN [`ALPN_LINK`]) to the router. Returns when the link
+    /// session it belongs to ends.
+    pub async fn accept(&self, tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>) {
+        link::accept::run(self.inner.clone(), tls).await
+    }
+
+    /// A snapshot of every link, outgoing first, each group sorted by name.
+    pub fn links(&self) -> Vec<LinkStatus> {
+        let links = self.inner.lock();
+        links
+            .outgoing
+            .values()
+            .map(|l| l.status.clone())
+            .chain(links.incoming.values().map(|l| l.status.clone()))
+            .collect()
+    }
+
+    /// Describes an existing link with `site` in either direction, if there is one.
+    pub fn link_with(&self, site: Uuid) -> Option<LinkStatus> {
+        let links = self.inner.lock();
+        links
+            .outgoing
+            .values()
+            .map(|l| &l.status)
+            .chain(links.incoming.get(&site).map(|l| &l.status))
+            .find(|s| s.peer_site == site)
+            .cloned()
+    }
+
+    /// Waits until the outgoing link `name` is up, for at most `limit`. On failure returns the
+    /// link's last error (or a timeout message).
+    pub async fn wait_up(&self, name: &str, limit: Duration) -> Result<LinkStatus, String> {
+        let mut changed = self.inner.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let status = self
+                .inner
+                .lock()
+                .outgoing
+                .get(name)
+                .map(|l| l.status.clone())
+                .ok_or_else(|| format!("link {name} was removed"))?;
+            if status.state == LinkState::Up {
+                return Ok(status);
+            }
+            match tokio::time::timeout_at(deadline, changed.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => {
+                    return Err(status.last_error.unwrap_or_else(|| {
+                        format!("link {name} did not come up within {limit:?}")
+                    }))
+                }
+            }
+        }
+    }
+
+    /// A receiver that ticks whenever any link's status changes.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.inner.changed.subscribe()
+    }
+}
+
+/// The host part of an endpoint written `host:port`, `[v6]:port` or as a bare host.
+pub fn endpoint_host(endpoint: &str) -> &str {
+    if let Some(rest) = endpoint.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match endpoint.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') && port.parse::<u16>().is_ok() => host,
+        _ => endpoint,
+    }
+}
+
+impl Inner {
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, Links> {
+        // A panic while holding this lock is a bug elsewhere; the table itself stays consistent
+        // (every update is a single insert/remove/assign), so keep serving it.
+        self.links.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Applies `f` to the link table and tells subscribers something changed.
+    pub(crate) fn update<R>(&self, f: impl FnOnce(&mut Links) -> R) -> R {
+        let result = f(&mut self.lock());
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+        result
+    }
+
+    /// Updates the status of outgoing link `name`, if it still exists.
+    pub(crate) fn set_outgoing(&self, name: &str, f: impl FnOnce(&mut LinkStatus)) {
+        self.update(|links| {
+            if let Some(link) = links.outgoing.get_mut(name) {
+                f(&mut link.status);
+            }
+        })
+    }
+
+    /// Registers a new incoming session from `status.peer_site`, replacing (and closing) an
+    /// older session from the same site: a peer that restarted reconnects before its old
+    /// session has timed out. Returns the session number for [`Inner::set_incoming`].
+    pub(crate) fn add_incoming(&self, status: LinkStatus, cancel: CancellationToken) -> u64 {
+        let (session, old) = self.update(|links| {
+            links.next_session += 1;
+            let session = links.next_session;
+            let mut status = status;
+            if let Some(old) = links.incoming.get(&status.peer_site) {
+                status.connects = old.status.connects;
+            }
+            status.connects += 1;
+            let old = links.incoming.insert(
+                status.peer_site,
+                Incoming {
+                    status,
+                    cancel,
+                    session,
+                },
+            );
+            (session, old)
+        });
+        if let Some(old) = old {
+            old.cancel.cancel();
+        }
+        session
+    }
+
+    /// Updates an incoming link's status if `session` is still the current one for that site.
+    pub(crate) fn set_incoming(&self, site: Uuid, session: u64, f: impl FnOnce(&mut LinkStatus)) {
+        self.update(|links| {
+            if let Some(link) = links.incoming.get_mut(&site) {
+                if link.session == session {
+                    f(&mut link.status);
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_hosts() {
+        assert_eq!(endpoint_host("example.com:55671"), "example.com");
+        assert_eq!(endpoint_host("127.0.0.1:1"), "127.0.0.1");
+        assert_eq!(endpoint_host("[::1]:55671"), "::1");
+        assert_eq!(endpoint_host("example.com"), "example.com");
+    }
+}

@@ -1,0 +1,219 @@
+//! What runs while a link is up: heartbeats and RTT, certificate renewal, incoming streams.
+//!
+//! Both sides send a ping every heartbeat interval and answer every ping with a pong. Anything
+//! heard on the control stream proves the peer alive; silence for `dead_after` ends the session,
+//! so a dead peer is noticed within that bound even when its TCP connection never fails.
+//!
+//! The linking side renews its client certificate over this stream when two thirds of the
+//! certificate's remaining life (as of when it was loaded or received) has passed. The live link
+//! is untouched by a renewal: the new certificate is persisted and used from the next connection.
+
+use std::collections::VecDeque;
+use std::time::{Duration, SystemTime};
+
+use skiff_certs::CertifiedKey;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::control::ControlChannel;
+use super::transport::{SendStream, Transport};
+use crate::proto::Message;
+use crate::Inner;
+
+/// Pings whose pongs are still awaited; older ones are forgotten.
+const MAX_PINGS_IN_FLIGHT: usize = 8;
+/// The wait before asking again when a renewal failed or went unanswered.
+const RENEW_RETRY: Duration = Duration::from_secs(30);
+
+/// Which side of the link this session runs on.
+pub(crate) enum Role<'a> {
+    /// The linking site; it owns the client certificate and renews it.
+    Dialer {
+        name: String,
+        cert: &'a mut CertifiedKey,
+    },
+    /// The accepting site; `session` identifies this session in the link table.
+    Acceptor { session: u64 },
+}
+
+/// Runs the session until the link dies or `cancel` fires; returns why it ended.
+pub(crate) async fn run<T: Transport>(
+    inner: &Inner,
+    peer: Uuid,
+    peer_name: &str,
+    mut role: Role<'_>,
+    transport: T,
+    mut control: ControlChannel<T::Send, T::Recv>,
+    cancel: &CancellationToken,
+) -> String {
+    let config = &inner.config;
+    let mut heartbeat = tokio::time::interval(config.heartbeat_interval);
+    heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut last_heard = Instant::now();
+    let mut seq: u64 = 0;
+    let mut pings: VecDeque<(u64, Instant)> = VecDeque::with_capacity(MAX_PINGS_IN_FLIGHT);
+    let mut renew_at = match &role {
+        Role::Dialer { cert, .. } => renewal_due(cert),
+        Role::Acceptor { .. } => None,
+    };
+    let mut renewal_key: Option<String> = None;
+
+    let reason = loop {
+        let renew_sleep = async {
+            match renew_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => break "link closed locally".to_string(),
+            _ = transport.closed() => break "connection lost".to_string(),
+            _ = heartbeat.tick() => {
+                if last_heard.elapsed() > config.dead_after {
+                    break format!(
+                        "peer {peer_name} sent nothing for {} ms",
+                        last_heard.elapsed().as_millis()
+                    );
+                }
+                seq += 1;
+                if pings.len() == MAX_PINGS_IN_FLIGHT {
+                    pings.pop_front();
+                }
+                pings.push_back((seq, Instant::now()));
+                if let Err(e) = control.send(&Message::Ping { seq }).await {
+                    break e.to_string();
+                }
+            }
+            message = control.next() => {
+                let message = match message {
+                    Ok(message) => message,
+                    Err(e) => break e.to_string(),
+                };
+                last_heard = Instant::now();
+                let reply = match message {
+                    Message::Ping { seq } => Some(Message::Pong { seq }),
+                    Message::Pong { seq } => {
+                        if let Some(&(_, sent)) = pings.iter().find(|(s, _)| *s == seq) {
+                            let rtt = sent.elapsed();
+                            set_status(inner, &role, peer, |s| s.rtt = Some(rtt));
+                            pings.retain(|(s, _)| *s > seq);
+                        }
+                        None
+                    }
+                    Message::RenewRequest { csr_pem } => match role {
+                        Role::Acceptor { .. } => {
+                            let result = inner.hooks.renew(peer, peer_name, &csr_pem);
+                            match &result {
+                                Ok(_) => tracing::info!("renewed the peer's client certificate"),
+                                Err(e) => tracing::warn!(error = %e, "refused a renewal"),
+                            }
+                            Some(Message::RenewResponse { result })
+                        }
+                        Role::Dialer { .. } => break "peer asked this site for a renewal".into(),
+                    },
+                    Message::RenewResponse { result } => {
+                        let Role::Dialer { name, cert } = &mut role else {
+                            break "peer sent an unsolicited renewal".into();
+                        };
+                        match (result, renewal_key.take()) {
+                            (Ok(cert_pem), Some(key_pem)) => {
+                                let renewed = CertifiedKey { cert_pem, key_pem };
+                                match accept_renewal(inner, name, &renewed) {
+                                    Ok(()) => {
+                                        **cert = renewed;
+                                        renew_at = renewal_due(cert);
+                                        let expires = cert.not_after().ok();
+                                        set_status(inner, &role, peer, |s| s.cert_expires = expires);
+                                        tracing::info!("client certificate renewed");
+                                    }
+                                    Err(e) => {
+                                        tracing::warn!(error = %e, "renewed certificate not usable");
+                                        renew_at = Some(Instant::now() + RENEW_RETRY);
+                                    }
+                                }
+                            }
+                            (Err(reason), _) => {
+                                tracing::warn!(%reason, "peer refused to renew the client certificate");
+                                renew_at = Some(Instant::now() + RENEW_RETRY);
+                            }
+                            (Ok(_), None) => break "peer sent an unsolicited renewal".into(),
+                        }
+                        None
+                    }
+                    Message::Refuse { reason } => break format!("peer closed the link: {reason}"),
+                    Message::Hello { .. } => break "peer sent a second hello".into(),
+                };
+                if let Some(reply) = reply {
+                    if let Err(e) = control.send(&reply).await {
+                        break e.to_string();
+                    }
+                }
+            }
+            _ = renew_sleep => {
+                let Role::Dialer { cert, .. } = &role else { unreachable!("only dialers renew") };
+                renew_at = Some(Instant::now() + RENEW_RETRY.min(remaining(cert) / 2).max(Duration::from_secs(1)));
+                match skiff_certs::generate_csr(config.site_id, &config.site_name) {
+                    Ok((key_pem, csr_pem)) => {
+                        renewal_key = Some(key_pem);
+                        if let Err(e) = control.send(&Message::RenewRequest { csr_pem }).await {
+                            break e.to_string();
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot make a renewal request"),
+                }
+            }
+            incoming = transport.accept() => {
+                let Some((mut send, recv)) = incoming else {
+                    break "connection lost".to_string();
+                };
+                // Carried connections arrive with the service-traffic layer; until then any
+                // other stream is refused with a reset so the opener is not left hanging.
+                drop(recv);
+                send.reset();
+            }
+        }
+    };
+    control.reset();
+    transport.close();
+    reason
+}
+
+fn set_status(
+    inner: &Inner,
+    role: &Role<'_>,
+    peer: Uuid,
+    f: impl FnOnce(&mut crate::LinkStatus),
+) {
+    match role {
+        Role::Dialer { name, .. } => inner.set_outgoing(name, f),
+        Role::Acceptor { session } => inner.set_incoming(peer, *session, f),
+    }
+}
+
+/// Checks a renewed certificate belongs to this site, then has the site persist it.
+fn accept_renewal(inner: &Inner, name: &str, renewed: &CertifiedKey) -> Result<(), String> {
+    let id = renewed.site_id().map_err(|e| e.to_string())?;
+    if id != inner.config.site_id {
+        return Err(format!("renewed certificate names site {id}"));
+    }
+    inner.hooks.renewed(name, renewed)
+}
+
+fn remaining(cert: &CertifiedKey) -> Duration {
+    cert.not_after()
+        .ok()
+        .and_then(|t| t.duration_since(SystemTime::now()).ok())
+        .unwrap_or_default()
+}
+
+/// When to renew `cert`: after two thirds of its remaining life, but not sooner than a second
+/// from now (an already expired certificate cannot be renewed: the peer will refuse the next
+/// handshake, and the link's error says to ask for a new token).
+fn renewal_due(cert: &CertifiedKey) -> Option<Instant> {
+    let left = remaining(cert);
+    if left.is_zero() {
+        return None;
+    }
+    Some(Instant::now() + (left * 2 / 3).max(Duration::from_secs(1)))
+}

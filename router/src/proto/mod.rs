@@ -1,0 +1,16 @@
+//! The sans-IO core of the link protocol.
+//!
+//! Nothing here touches a socket, a task or the clock: every function is a function of its inputs
+//! (time, where it matters, is passed in). The tokio side in [`crate::link`] only moves bytes
+//! between these types and the network.
+//!
+//! What lives here:
+//! - [`message`]: the control-stream messages (hello, ping/pong, certificate renewal) and their
+//!   length-prefixed binary codec, which bounds every length and never panics on input;
+//! - [`preface`]: the few bytes that open every link connection and every stream on a link.
+
+pub mod message;
+pub mod preface;
+
+pub use message::{ControlCodec, DecodeError, Message, MAX_FRAME};
+pub use preface::{ConnPreface, ConnRole, PrefaceError, StreamKind};

@@ -1,0 +1,137 @@
+//! The bytes that open a link connection and each stream on it.
+//!
+//! A TLS link is carried by two TCP connections, both dialed by the linking site, each running
+//! one HTTP/2 session: on the *forward* connection the dialer is the HTTP/2 client, on the
+//! *reverse* connection the acceptor is. HTTP/2 lets only clients open streams, so this pair is
+//! what lets both sites open streams towards each other. Both connections start with a
+//! [`ConnPreface`] carrying the same random session token, which is how the acceptor pairs them.
+
+/// Size of an encoded [`ConnPreface`].
+pub const CONN_PREFACE_LEN: usize = 22;
+
+const MAGIC: &[u8; 4] = b"SKIF";
+const VERSION: u8 = 1;
+
+/// Which half of a link pair a TLS connection is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnRole {
+    /// The dialer is the HTTP/2 client; it carries the control stream.
+    Forward,
+    /// The acceptor is the HTTP/2 client.
+    Reverse,
+}
+
+/// The first bytes the dialer writes on a link connection after the TLS handshake.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnPreface {
+    /// Which half of the pair this connection is.
+    pub role: ConnRole,
+    /// Random token shared by both halves of one link session.
+    pub session: [u8; 16],
+}
+
+/// Why a connection preface was refused (always the peer's fault).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PrefaceError {
+    /// The magic bytes are wrong: this is not a skiff link.
+    #[error("not a skiff link connection (bad preface)")]
+    BadMagic,
+    /// The peer speaks a link protocol version this router does not.
+    #[error("unsupported link protocol version {0}")]
+    Version(u8),
+    /// The role byte is unknown.
+    #[error("unknown link connection role {0}")]
+    Role(u8),
+}
+
+impl ConnPreface {
+    /// Encodes the preface.
+    pub fn encode(&self) -> [u8; CONN_PREFACE_LEN] {
+        let mut out = [0u8; CONN_PREFACE_LEN];
+        out[..4].copy_from_slice(MAGIC);
+        out[4] = VERSION;
+        out[5] = match self.role {
+            ConnRole::Forward => 1,
+            ConnRole::Reverse => 2,
+        };
+        out[6..].copy_from_slice(&self.session);
+        out
+    }
+
+    /// Decodes a preface from exactly [`CONN_PREFACE_LEN`] bytes.
+    pub fn decode(raw: &[u8; CONN_PREFACE_LEN]) -> Result<Self, PrefaceError> {
+        if &raw[..4] != MAGIC {
+            return Err(PrefaceError::BadMagic);
+        }
+        if raw[4] != VERSION {
+            return Err(PrefaceError::Version(raw[4]));
+        }
+        let role = match raw[5] {
+            1 => ConnRole::Forward,
+            2 => ConnRole::Reverse,
+            other => return Err(PrefaceError::Role(other)),
+        };
+        let mut session = [0u8; 16];
+        session.copy_from_slice(&raw[6..]);
+        Ok(ConnPreface { role, session })
+    }
+}
+
+/// The first byte of every stream on a link says what the stream carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamKind {
+    /// The link's single control stream (opened by the dialer).
+    Control,
+    /// One carried TCP connection.
+    Connection,
+}
+
+impl StreamKind {
+    /// The byte on the wire.
+    pub fn to_byte(self) -> u8 {
+        match self {
+            StreamKind::Control => 1,
+            StreamKind::Connection => 2,
+        }
+    }
+
+    /// Parses the byte on the wire.
+    pub fn from_byte(b: u8) -> Option<Self> {
+        match b {
+            1 => Some(StreamKind::Control),
+            2 => Some(StreamKind::Connection),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn round_trip() {
+        for role in [ConnRole::Forward, ConnRole::Reverse] {
+            let p = ConnPreface {
+                role,
+                session: [7; 16],
+            };
+            assert_eq!(ConnPreface::decode(&p.encode()), Ok(p));
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(raw in any::<[u8; CONN_PREFACE_LEN]>()) {
+            let _ = ConnPreface::decode(&raw);
+        }
+    }
+
+    #[test]
+    fn http_and_tls_bytes_are_refused() {
+        let mut raw = [0u8; CONN_PREFACE_LEN];
+        raw.copy_from_slice(b"GET / HTTP/1.1\r\nHost: ");
+        assert_eq!(ConnPreface::decode(&raw), Err(PrefaceError::BadMagic));
+    }
+}

@@ -1,0 +1,135 @@
+//! `skiff site init`, `skiff site run` and `skiff status`.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Subcommand;
+use skiff_control::admin::{self, StatusView};
+use skiff_control::model::DEFAULT_LINK_PORT;
+use skiff_control::{InitOptions, Listeners, Store};
+
+use super::output::{self, Format};
+
+/// `skiff site ...`
+#[derive(Subcommand, Debug)]
+pub enum SiteCommand {
+    /// Create a site in the state dir: its id, its CA and its settings.
+    Init {
+        /// The site's name (dev, stg, prod, ...): lowercase letters, digits and '-'.
+        name: String,
+        /// Host name or address other sites use to reach this site's link port (repeatable;
+        /// default 127.0.0.1, which only works from this machine).
+        #[arg(long = "link-host", value_name = "HOST")]
+        link_hosts: Vec<String>,
+        /// The link port (TCP).
+        #[arg(long, default_value_t = DEFAULT_LINK_PORT, value_name = "PORT")]
+        link_port: u16,
+        /// Serve /healthz and /readyz (and later /metrics) on this address.
+        #[arg(long, value_name = "ADDR:PORT")]
+        metrics_addr: Option<SocketAddr>,
+        /// Lifetime of the client certificates this site issues to sites linking to it; they
+        /// are renewed over the live link after two thirds of it.
+        #[arg(long, value_parser = super::parse_duration, default_value = "7d", value_name = "DURATION")]
+        cert_lifetime: Duration,
+    },
+    /// Run the site daemon in the foreground (SIGTERM or Ctrl-C stops it gracefully).
+    Run,
+}
+
+pub async fn run(command: SiteCommand, dir: &Path) -> Result<()> {
+    match command {
+        SiteCommand::Init {
+            name,
+            link_hosts,
+            link_port,
+            metrics_addr,
+            cert_lifetime,
+        } => {
+            let store = Store::new(dir);
+            let no_hosts = link_hosts.is_empty();
+            let config = skiff_control::init(
+                &store,
+                InitOptions {
+                    name,
+                    link_hosts,
+                    link_port,
+                    metrics_addr: metrics_addr.map(|a| a.to_string()),
+                    cert_lifetime,
+                },
+            )?;
+            println!(
+                "site {} ({}) created in {}",
+                config.name,
+                config.id,
+                dir.display()
+            );
+            println!("link endpoints: {}", config.endpoints().join(", "));
+            if no_hosts {
+                println!(
+                    "note: tokens point at 127.0.0.1 and only work from this machine; \
+                     re-create the site with --link-host HOST to link from elsewhere"
+                );
+            }
+            println!("start it with: skiff --state-dir {} site run", dir.display());
+            Ok(())
+        }
+        SiteCommand::Run => run_daemon(dir).await,
+    }
+}
+
+async fn run_daemon(dir: &Path) -> Result<()> {
+    let store = Store::new(dir);
+    // Bad config stops the daemon before it binds anything.
+    let config = store.load_config()?;
+    let link = tokio::net::TcpListener::bind(("0.0.0.0", config.link_port))
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on link port {} (is another site or program using it? pick \
+                 another with site init --link-port)",
+                config.link_port
+            )
+        })?;
+    let metrics = match &config.metrics_addr {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on metrics address {addr}"))?,
+        ),
+        None => None,
+    };
+    let admin = admin::bind(&store.admin_socket())
+        .with_context(|| format!("cannot open {}", store.admin_socket().display()))?;
+    let shutdown = super::shutdown_on_signals()?;
+    skiff_control::site::run(
+        store,
+        Listeners {
+            link,
+            admin,
+            metrics,
+        },
+        shutdown,
+    )
+    .await?;
+    Ok(())
+}
+
+pub async fn status(dir: &Path, format: Format) -> Result<()> {
+    let status: StatusView = admin::Client::new(dir).get("/v1/status").await?;
+    if output::print_structured(format, &status)? {
+        return Ok(());
+    }
+    let site = &status.site;
+    println!("site      {} ({})", site.name, site.id);
+    println!("version   {}", site.version);
+    println!("endpoints {}", site.link_endpoints.join(", "));
+    println!("grants    {} active", status.active_grants);
+    if !status.revoked.is_empty() {
+        println!("revoked   {}", status.revoked.len());
+    }
+    println!();
+    print!("{}", output::link_table(&status.links));
+    Ok(())
+}
