@@ -1,0 +1,428 @@
+//! A small harness for end-to-end tests that run the real `skiff` binary as separate sites.
+//!
+//! A [`Site`] owns a temporary directory (state dir + daemon log), a loopback link port, and the
+//! `skiff site run` child process, which is killed (SIGKILL) when the `Site` is dropped.
+//! [`wait_for`] and [`hold_for`] poll with a bound and, on failure, print the last observed
+//! state together with every involved site's links and daemon log.
+
+#![allow(dead_code)] // Each test binary uses a different subset.
+
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tempfile::TempDir;
+
+/// How long a daemon may take to answer its admin API after being started.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a SIGTERM-ed daemon may take to exit.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause between two polls.
+const POLL: Duration = Duration::from_millis(100);
+
+/// The binary under test.
+pub fn skiff() -> &'static str {
+    env!("CARGO_BIN_EXE_skiff")
+}
+
+/// One site: its state dir, its link port and (while running) its daemon.
+pub struct Site {
+    /// The site's name.
+    pub name: String,
+    /// Its link port on 127.0.0.1.
+    pub port: u16,
+    dir: TempDir,
+    daemon: Option<Child>,
+}
+
+impl Site {
+    /// Creates site `name` (`site init`) and starts its daemon.
+    pub fn start(name: &str) -> Site {
+        Site::start_with(name, &[])
+    }
+
+    /// Like [`Site::start`], with extra `site init` arguments.
+    pub fn start_with(name: &str, init_args: &[&str]) -> Site {
+        let mut site = Site::init(name, init_args);
+        site.run();
+        site
+    }
+
+    /// Creates site `name` without starting it.
+    pub fn init(name: &str, init_args: &[&str]) -> Site {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("skiff-{name}-"))
+            .tempdir()
+            .expect("cannot create a temp dir");
+        let port = free_port();
+        let site = Site {
+            name: name.to_string(),
+            port,
+            dir,
+            daemon: None,
+        };
+        let port = port.to_string();
+        let mut args = vec![
+            "site",
+            "init",
+            name,
+            "--link-host",
+            "127.0.0.1",
+            "--link-port",
+            &port,
+        ];
+        args.extend_from_slice(init_args);
+        site.ok(&args);
+        site
+    }
+
+    /// The state dir.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// A path for scratch files (tokens) outside the state dir.
+    pub fn scratch(&self, file: &str) -> PathBuf {
+        self.dir.path().join(file)
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("daemon.log")
+    }
+
+    /// Everything the daemon wrote to stderr, across restarts.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Starts `site run` and waits until its admin API answers.
+    pub fn run(&mut self) {
+        assert!(
+            self.daemon.is_none(),
+            "site {} is already running",
+            self.name
+        );
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("cannot open the daemon log");
+        let child = Command::new(skiff())
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .args(["site", "run"])
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("cannot spawn skiff site run");
+        self.daemon = Some(child);
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(exit) = self
+                .daemon
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.daemon = None;
+                panic!(
+                    "daemon of site {} exited at start ({exit})\n--- log ---\n{}",
+                    self.name,
+                    self.logs()
+                );
+            }
+            let status = self.cli(&["status", "-o", "json"]);
+            if status.status.success() {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "daemon of site {} did not answer within {START_TIMEOUT:?}: {}\n--- log ---\n{}",
+                    self.name,
+                    String::from_utf8_lossy(&status.stderr),
+                    self.logs()
+                );
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.daemon.as_ref().expect("site is not running").id()
+    }
+
+    /// Stops the daemon gracefully (SIGTERM) and waits for it to exit successfully.
+    pub fn stop(&mut self) {
+        let mut child = self.daemon.take().expect("site is not running");
+        let sent = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("cannot run kill");
+        assert!(sent.success(), "kill -TERM failed");
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            if let Some(exit) = child.try_wait().expect("cannot wait for the daemon") {
+                assert!(
+                    exit.success(),
+                    "daemon of site {} exited with {exit} after SIGTERM\n--- log ---\n{}",
+                    self.name,
+                    self.logs()
+                );
+                return;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "daemon of site {} ignored SIGTERM for {STOP_TIMEOUT:?}\n--- log ---\n{}",
+                    self.name,
+                    self.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the daemon at once (SIGKILL), like a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.daemon.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Graceful stop, then start again.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.run();
+    }
+
+    /// Runs `skiff --state-dir DIR ARGS...` and returns what it did.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(skiff())
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .args(args)
+            .env_remove("RUST_LOG")
+            .env_remove("SKIFF_STATE_DIR")
+            .stdin(Stdio::null())
+            .output()
+            .expect("cannot run skiff")
+    }
+
+    /// Runs a command that must succeed; returns its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "site {}: `skiff {}` failed ({}):\n{}\n--- log ---\n{}",
+            self.name,
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            self.logs()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs a command that must fail; returns its stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            !out.status.success(),
+            "site {}: `skiff {}` succeeded but should have failed:\n{}",
+            self.name,
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// `status -o json`.
+    pub fn status_json(&self) -> Value {
+        serde_json::from_str(&self.ok(&["status", "-o", "json"])).expect("status is not JSON")
+    }
+
+    /// The site's id.
+    pub fn id(&self) -> String {
+        self.status_json()["site"]["id"]
+            .as_str()
+            .expect("status has no site.id")
+            .to_string()
+    }
+
+    /// `link status -o json`.
+    pub fn links_json(&self) -> Value {
+        serde_json::from_str(&self.ok(&["link", "status", "-o", "json"]))
+            .expect("link status is not JSON")
+    }
+
+    /// The one link with site `peer`, in the given direction; `Err` describes what is there.
+    pub fn link_with(&self, peer: &str, direction: &str) -> Result<Value, String> {
+        let out = self.cli(&["link", "status", "-o", "json"]);
+        if !out.status.success() {
+            return Err(format!(
+                "{}: link status failed: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let links: Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+        let matching: Vec<&Value> = links
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|l| l["peerSite"] == peer && l["direction"] == direction)
+            .collect();
+        match matching.as_slice() {
+            [one] => Ok((*one).clone()),
+            _ => Err(format!(
+                "{}: expected one {direction} link with {peer}, links are {links}",
+                self.name
+            )),
+        }
+    }
+
+    /// The link with `peer` if it is up with an RTT; `Err` describes what is there.
+    pub fn link_up(&self, peer: &str, direction: &str) -> Result<Value, String> {
+        let link = self.link_with(peer, direction)?;
+        let rtt = link["rttMs"].as_f64().unwrap_or(0.0);
+        if link["state"] == "up" && rtt > 0.0 {
+            Ok(link)
+        } else {
+            Err(format!(
+                "{}: {direction} link with {peer} is {link}",
+                self.name
+            ))
+        }
+    }
+
+    /// Issues a token (`token issue -o FILE EXTRA...`) and returns the file.
+    pub fn issue(&self, file: &str, extra: &[&str]) -> PathBuf {
+        let path = self.scratch(file);
+        let path_arg = path.to_str().expect("temp path is not UTF-8");
+        let mut args = vec!["token", "issue", "-o", path_arg];
+        args.extend_from_slice(extra);
+        self.ok(&args);
+        path
+    }
+
+    /// `link create TOKEN`; returns the raw output.
+    pub fn redeem(&self, token: &Path) -> Output {
+        let token = token.to_str().expect("token path is not UTF-8");
+        self.cli(&["link", "create", token, "--wait", "10s"])
+    }
+
+    /// Links this site to `issuer` with a fresh one-use token; panics unless both sides see the
+    /// link up.
+    pub fn link_to(&self, issuer: &Site) {
+        let token = issuer.issue(&format!("to-{}-from-{}.yaml", issuer.name, self.name), &[]);
+        let out = self.redeem(&token);
+        assert!(
+            out.status.success(),
+            "{} link create {} failed: {}\n--- {} log ---\n{}\n--- {} log ---\n{}",
+            self.name,
+            issuer.name,
+            String::from_utf8_lossy(&out.stderr),
+            self.name,
+            self.logs(),
+            issuer.name,
+            issuer.logs()
+        );
+        wait_for(
+            &format!("link {} -> {} up on both sides", self.name, issuer.name),
+            Duration::from_secs(10),
+            &[self, issuer],
+            || {
+                self.link_up(&issuer.name, "outgoing")?;
+                issuer.link_up(&self.name, "incoming")
+            },
+        );
+    }
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A TCP port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("cannot bind 127.0.0.1:0")
+        .port()
+}
+
+/// Polls `probe` until it returns `Ok`, for at most `timeout`; `Err` carries the observed state.
+/// On timeout, panics with that state and every site's links and daemon log.
+pub fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    sites: &[&Site],
+    mut probe: impl FnMut() -> Result<T, String>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match probe() {
+            Ok(value) => return value,
+            Err(last) if Instant::now() > deadline => {
+                panic!(
+                    "timed out after {timeout:?} waiting for: {what}\nlast observed: {last}\n{}",
+                    report(sites)
+                )
+            }
+            Err(_) => std::thread::sleep(POLL),
+        }
+    }
+}
+
+/// Checks that `probe` stays `Ok` on every poll for `duration` (polling every `every`); panics
+/// at the first `Err` with that state and every site's links and daemon log.
+pub fn hold_for(
+    what: &str,
+    duration: Duration,
+    every: Duration,
+    sites: &[&Site],
+    mut probe: impl FnMut() -> Result<(), String>,
+) {
+    let start = Instant::now();
+    while start.elapsed() < duration {
+        if let Err(seen) = probe() {
+            panic!(
+                "expected to hold for {duration:?}: {what}\nbroken after {:?}: {seen}\n{}",
+                start.elapsed(),
+                report(sites)
+            );
+        }
+        std::thread::sleep(every);
+    }
+}
+
+/// Every site's current links and the tail of its daemon log.
+pub fn report(sites: &[&Site]) -> String {
+    let mut text = String::new();
+    for site in sites {
+        let links = site.cli(&["link", "status", "-o", "json"]);
+        let links = if links.status.success() {
+            String::from_utf8_lossy(&links.stdout).into_owned()
+        } else {
+            String::from_utf8_lossy(&links.stderr).into_owned()
+        };
+        let logs = site.logs();
+        let lines: Vec<&str> = logs.lines().collect();
+        let tail = lines[lines.len().saturating_sub(60)..].join("\n");
+        text.push_str(&format!(
+            "--- site {} links ---\n{}\n--- site {} log (last 60 lines) ---\n{tail}\n",
+            site.name,
+            links.trim(),
+            site.name
+        ));
+    }
+    text
+}
