@@ -166,7 +166,10 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    println!("multiplexer throughput over loopback TCP, {} MiB per run", TOTAL >> 20);
+    println!(
+        "multiplexer throughput over loopback TCP, {} MiB per run",
+        TOTAL >> 20
+    );
     println!("{:<8} {:>8} {:>12}", "mux", "streams", "Gbit/s");
     for streams in [1, 8] {
         let h = runtime.block_on(h2(streams));

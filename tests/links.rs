@@ -17,14 +17,25 @@ fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// `Ok` unless the link is up: what a downed link looks like from its side.
+/// `Ok` unless the link is up; a link that is gone counts as down (`Null`).
 fn not_up(site: &Site, peer: &str, direction: &str) -> Result<serde_json::Value, String> {
-    match site.link_with(peer, direction) {
-        Ok(link) if link["state"] == "up" => Err(format!("{}: still up: {link}", site.name)),
-        Ok(link) => Ok(link),
-        // Gone from the list counts as down too (an incoming link of a vanished peer).
-        Err(e) if e.contains("links are") => Ok(serde_json::Value::Null),
-        Err(e) => Err(e),
+    match site.find_link(peer, direction)? {
+        Some(link) if link["state"] == "up" => Err(format!("{}: still up: {link}", site.name)),
+        Some(link) => Ok(link),
+        None => Ok(serde_json::Value::Null),
+    }
+}
+
+/// `Ok` while the link is up (whatever its RTT).
+fn is_up(site: &Site, peer: &str, direction: &str) -> Result<(), String> {
+    let link = site.link_with(peer, direction)?;
+    if link["state"] == "up" {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}: {direction} link with {peer} is not up: {link}",
+            site.name
+        ))
     }
 }
 
@@ -259,8 +270,8 @@ fn revoke_cuts_one_site_and_keeps_the_others() {
     let a_id = a.id();
     let sites = [&a, &b, &c];
     let c_stays_up = || {
-        if let Err(e) = c.link_up("b", "outgoing") {
-            panic!("C's link left up: {e}\n{}", report(&sites));
+        if let Err(e) = is_up(&c, "b", "outgoing") {
+            panic!("C's link went down: {e}\n{}", report(&sites));
         }
     };
 
@@ -305,6 +316,37 @@ fn revoke_cuts_one_site_and_keeps_the_others() {
     );
 }
 
+/// Beyond "non-empty": the revoked site's `lastError` must say it was revoked, on every
+/// reconnect attempt (the dialler has code for it: `explain` in `router/src/link/dial.rs`).
+#[test]
+fn revoked_site_is_told_why() {
+    let b = Site::start("b");
+    let a = Site::start("a");
+    a.link_to(&b);
+    let says_revoked = || {
+        let link = not_up(&a, "b", "outgoing")?;
+        match link["lastError"].as_str() {
+            Some(e) if e.contains("revoked") => Ok(()),
+            _ => Err(format!("A's lastError does not say it was revoked: {link}")),
+        }
+    };
+
+    b.ok(&["link", "revoke", "a"]);
+    wait_for(
+        "A's lastError says it was revoked",
+        Duration::from_secs(3),
+        &[&a, &b],
+        says_revoked,
+    );
+    hold_for(
+        "A's lastError keeps saying it was revoked across reconnect attempts",
+        Duration::from_secs(4),
+        Duration::from_millis(100),
+        &[&a, &b],
+        says_revoked,
+    );
+}
+
 /// Tiny xorshift generator: enough noise for garbage, no extra dependency.
 fn noise(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed | 1;
@@ -334,7 +376,7 @@ fn poke(port: u16, bytes: &[u8]) {
 fn openssl_client(port: u16, alpn: &str, input: &[u8]) {
     let child = Command::new("timeout")
         .args([
-            "5",
+            "3",
             "openssl",
             "s_client",
             "-connect",
@@ -388,18 +430,13 @@ fn garbage_on_the_link_port_harms_nobody() {
         }
     });
     hold_for(
-        "A's link stays up while B's link port gets garbage",
+        "the link stays up while B's link port gets garbage",
         Duration::from_secs(4),
         Duration::from_millis(100),
         &[&a, &b],
         || {
-            a.link_with("b", "outgoing").and_then(|l| {
-                if l["state"] == "up" {
-                    Ok(())
-                } else {
-                    Err(format!("A's link left up: {l}"))
-                }
-            })
+            is_up(&a, "b", "outgoing")?;
+            is_up(&b, "a", "incoming")
         },
     );
     garbage.join().expect("the garbage thread panicked");
@@ -411,7 +448,7 @@ fn garbage_on_the_link_port_harms_nobody() {
         || a.link_up("b", "outgoing").map(drop),
     );
 
-    b.status_json();
+    b.status_json(); // B's daemon still answers
     b.link_up("a", "incoming")
         .unwrap_or_else(|e| panic!("{e}\n{}", report(&[&a, &b])));
     assert_eq!(
@@ -443,9 +480,17 @@ fn self_and_duplicate_links_are_refused() {
     );
     let message = stderr(&out);
     assert!(message.contains("already"), "unclear refusal: {message}");
-    // The same direction again, with a fresh token from B.
+    // The same direction again, with a fresh token from B (and another link name).
     let again = b.issue("again.yaml", &[]);
-    let out = a.redeem(&again);
+    let out = a.cli(&[
+        "link",
+        "create",
+        again.to_str().unwrap(),
+        "--name",
+        "b2",
+        "--wait",
+        "10s",
+    ]);
     assert!(
         !out.status.success(),
         "a second link from A to B was created"
@@ -453,10 +498,16 @@ fn self_and_duplicate_links_are_refused() {
     let message = stderr(&out);
     assert!(message.contains("already"), "unclear refusal: {message}");
 
+    // Refused before redemption: no token was used up ("own", "again"; "reverse" on A).
+    let status = b.status_json();
     assert_eq!(
-        a.status_json()["activeGrants"],
-        1,
-        "a refused duplicate used up A's token"
+        status["activeGrants"], 2,
+        "B's refused tokens were used up: {status}"
+    );
+    let status = a.status_json();
+    assert_eq!(
+        status["activeGrants"], 1,
+        "A's refused token was used up: {status}"
     );
     assert_eq!(
         a.links_json().as_array().map(Vec::len),
@@ -509,18 +560,13 @@ fn client_certificates_are_renewed_over_the_live_link() {
 
     // Renewal is due at two thirds of 6 s; the first certificate has expired after 8 s.
     hold_for(
-        "A's link stays up across renewals",
+        "the link stays up on both sides across renewals",
         Duration::from_secs(8),
         Duration::from_millis(200),
         &[&a, &b],
         || {
-            a.link_with("b", "outgoing").and_then(|l| {
-                if l["state"] == "up" {
-                    Ok(())
-                } else {
-                    Err(format!("A's link left up: {l}"))
-                }
-            })
+            is_up(&a, "b", "outgoing")?;
+            is_up(&b, "a", "incoming")
         },
     );
     let renewed = expires(&a);

@@ -11,6 +11,13 @@
 //! | DELETE | /v1/links/NAME | | `{}` |
 //! | POST | /v1/revocations | [`Revoke`] | [`Revoked`] |
 //! | POST | /v1/tokens | [`IssueToken`] | [`TokenIssued`] |
+//! | GET | /v1/connectors | | `[ConnectorView]` |
+//! | POST | /v1/connectors | [`CreateConnector`] | [`ConnectorView`] |
+//! | DELETE | /v1/connectors/NAME | | `{}` |
+//! | GET | /v1/listeners | | `[ListenerView]` |
+//! | POST | /v1/listeners | [`CreateListener`] | [`ListenerView`] |
+//! | DELETE | /v1/listeners/NAME | | `{}` |
+//! | GET | /v1/network | | [`NetworkView`] |
 //!
 //! Errors answer a 4xx/5xx status with [`ApiError`].
 
@@ -145,6 +152,144 @@ pub struct Revoked {
     pub name: String,
     /// Live links that were closed.
     pub closed_links: usize,
+}
+
+/// Body of `POST /v1/connectors`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateConnector {
+    /// Name (default: the routing key).
+    pub name: Option<String>,
+    /// The routing key served.
+    pub routing_key: String,
+    /// Backend host.
+    pub host: String,
+    /// Backend port.
+    pub port: u16,
+    /// Relative share of connections (default 1).
+    pub weight: Option<u32>,
+}
+
+/// A connector.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectorView {
+    /// Name.
+    pub name: String,
+    /// The routing key served.
+    pub routing_key: String,
+    /// Backend host.
+    pub host: String,
+    /// Backend port.
+    pub port: u16,
+    /// Relative share of connections.
+    pub weight: u32,
+}
+
+/// Body of `POST /v1/listeners`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateListener {
+    /// Name (default: the routing key).
+    pub name: Option<String>,
+    /// Where connections go.
+    pub routing_key: String,
+    /// Port to open.
+    pub port: u16,
+    /// Address to bind (default 127.0.0.1).
+    pub bind: Option<String>,
+    /// Strategy (default balanced).
+    pub strategy: Option<String>,
+}
+
+/// A listener and whether its key can be reached.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ListenerView {
+    /// Name.
+    pub name: String,
+    /// Where connections go.
+    pub routing_key: String,
+    /// Bound address.
+    pub bind: String,
+    /// Port.
+    pub port: u16,
+    /// Strategy.
+    pub strategy: String,
+    /// Sites that serve the key and can be reached now (empty: clients are refused).
+    pub targets: Vec<String>,
+    /// Why the listener is not serving, if it is not.
+    pub error: Option<String>,
+}
+
+/// The whole network as this site sees it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkView {
+    /// This site's name.
+    pub site: String,
+    /// Every site known.
+    pub sites: Vec<NetworkSite>,
+    /// Every link known.
+    pub links: Vec<NetworkLink>,
+    /// Every routing key with the sites that serve it.
+    pub services: Vec<NetworkService>,
+}
+
+/// A site in [`NetworkView`].
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkSite {
+    /// Name.
+    pub name: String,
+    /// Id.
+    pub id: Uuid,
+    /// True for the site answering.
+    pub local: bool,
+    /// Whether a path to it exists.
+    pub reachable: bool,
+    /// Path cost from this site (0 for itself).
+    pub cost: Option<u64>,
+    /// The neighbour traffic to it goes through.
+    pub next_hop: Option<String>,
+}
+
+/// A link in [`NetworkView`].
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkLink {
+    /// One end (site name).
+    pub from: String,
+    /// The other end (site name).
+    pub to: String,
+    /// Cost.
+    pub cost: u32,
+    /// `up` when both ends advertise it, `down` otherwise.
+    pub state: String,
+    /// RTT in milliseconds, for this site's own links.
+    pub rtt_ms: Option<f64>,
+}
+
+/// A routing key in [`NetworkView`].
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkService {
+    /// The routing key.
+    pub routing_key: String,
+    /// Reachable sites that serve it, cheapest first.
+    pub sites: Vec<ServingSite>,
+}
+
+/// A site serving a key.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServingSite {
+    /// Site name.
+    pub name: String,
+    /// Path cost from this site.
+    pub cost: u64,
+    /// Connector weight.
+    pub weight: u32,
 }
 
 /// An error answer.
@@ -351,9 +496,7 @@ impl Client {
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
         tokio::spawn(conn);
         let body = match body {
-            Some(b) => {
-                serde_json::to_vec(b).map_err(|e| ClientError::Protocol(e.to_string()))?
-            }
+            Some(b) => serde_json::to_vec(b).map_err(|e| ClientError::Protocol(e.to_string()))?,
             None => Vec::new(),
         };
         let request = Request::builder()

@@ -69,6 +69,44 @@ pub struct State {
     /// Sites this site refuses.
     #[serde(default)]
     pub revoked: Vec<Uuid>,
+    /// This site's listeners.
+    #[serde(default)]
+    pub listeners: Vec<ListenerRecord>,
+    /// This site's connectors.
+    #[serde(default)]
+    pub connectors: Vec<ConnectorRecord>,
+}
+
+/// "Open this port here; its connections go to the routing key."
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ListenerRecord {
+    /// Name (default: the routing key).
+    pub name: String,
+    /// Where connections go.
+    pub routing_key: String,
+    /// Address to bind (default 127.0.0.1).
+    pub bind: String,
+    /// Port.
+    pub port: u16,
+    /// Load-balancing strategy: balanced, closest, round-robin or source-affinity.
+    pub strategy: String,
+}
+
+/// "This site can reach the routing key at host:port."
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConnectorRecord {
+    /// Name (default: the routing key).
+    pub name: String,
+    /// The routing key served.
+    pub routing_key: String,
+    /// Backend host.
+    pub host: String,
+    /// Backend port.
+    pub port: u16,
+    /// Relative share of connections.
+    pub weight: u32,
 }
 
 /// An issued token's record on the issuing site.
@@ -160,6 +198,22 @@ pub fn check_name(kind: &str, name: &str) -> Result<(), crate::Error> {
         Err(crate::Error::Invalid(format!(
             "{kind} name {name:?} is not valid: use 1-63 lowercase letters, digits and '-', \
              starting and ending with a letter or digit"
+        )))
+    }
+}
+
+/// Checks a routing key: 1-253 characters of letters, digits, `.`, `-` and `_`.
+pub fn check_routing_key(key: &str) -> Result<(), crate::Error> {
+    let ok = !key.is_empty()
+        && key.len() <= skiff_router::proto::stream::MAX_KEY_LEN
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(crate::Error::Invalid(format!(
+            "routing key {key:?} is not valid: use 1-253 letters, digits, '.', '-' and '_'"
         )))
     }
 }

@@ -13,7 +13,9 @@ use std::time::{Duration, SystemTime};
 
 use hyper::{Method, StatusCode};
 use skiff_certs::{Authority, CertifiedKey, Revocations};
-use skiff_router::{Direction, LinkState, LinkStatus, Router, ALPN_LINK};
+use skiff_router::{
+    ConnectorConfig, Direction, LinkState, LinkStatus, ListenerConfig, Router, Strategy, ALPN_LINK,
+};
 use subtle::ConstantTimeEq;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
@@ -22,7 +24,9 @@ use uuid::Uuid;
 
 use crate::admin::{self, ApiRequest, ApiResponse};
 use crate::claim::{self, ClaimRequest, ClaimResponse, ALPN_CLAIM};
-use crate::model::{self, Grant, LinkRecord, PeerRecord, SiteConfig, State};
+use crate::model::{
+    self, ConnectorRecord, Grant, LinkRecord, ListenerRecord, PeerRecord, SiteConfig, State,
+};
 use crate::store::{Mode, Store};
 use crate::token::{AccessToken, Issuer, Metadata, Secret, TokenSpec};
 use crate::Error;
@@ -116,11 +120,18 @@ pub struct Site {
     router: Router,
     link_port: u16,
     server_tls: Arc<rustls::ServerConfig>,
+    /// Listeners that could not be bound at start (name → why).
+    listener_errors: Mutex<std::collections::HashMap<String, String>>,
 }
 
 /// Runs the site daemon in `store` until `shutdown` fires.
-pub async fn run(store: Store, listeners: Listeners, shutdown: CancellationToken) -> Result<(), Error> {
+pub async fn run(
+    store: Store,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
     let site = Arc::new(Site::load(store, &listeners, shutdown.child_token())?);
+    site.start_listeners().await;
     tracing::info!(
         site = %site.core.config.name,
         id = %site.core.config.id,
@@ -150,7 +161,11 @@ pub async fn run(store: Store, listeners: Listeners, shutdown: CancellationToken
 }
 
 impl Site {
-    fn load(store: Store, listeners: &Listeners, shutdown: CancellationToken) -> Result<Self, Error> {
+    fn load(
+        store: Store,
+        listeners: &Listeners,
+        shutdown: CancellationToken,
+    ) -> Result<Self, Error> {
         let config = store.load_config()?;
         let authority = Authority::from_pem(&store.read("ca.pem")?, &store.read("ca.key")?)?;
         let state = store.load_state()?;
@@ -186,12 +201,281 @@ impl Site {
                 Err(e) => tracing::error!(link = %record.name, error = %e, "link not started"),
             }
         }
-        Ok(Site {
+        let site = Site {
             core,
             router,
             link_port,
             server_tls,
-        })
+            listener_errors: Mutex::new(Default::default()),
+        };
+        site.apply_connectors();
+        Ok(site)
+    }
+
+    /// Binds every stored listener; one that cannot be bound is reported, not fatal.
+    async fn start_listeners(&self) {
+        let records = self.core.lock().listeners.clone();
+        for record in records {
+            match bind_listener(&record).await {
+                Ok(socket) => self.router.add_listener(listener_config(&record), socket),
+                Err(e) => {
+                    tracing::error!(listener = %record.name, error = %e, "listener not started");
+                    self.errors().insert(record.name.clone(), e);
+                }
+            }
+        }
+    }
+
+    fn errors(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, String>> {
+        self.listener_errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn apply_connectors(&self) {
+        let connectors = self
+            .core
+            .lock()
+            .connectors
+            .iter()
+            .map(|c| ConnectorConfig {
+                name: c.name.clone(),
+                routing_key: c.routing_key.clone(),
+                host: c.host.clone(),
+                port: c.port,
+                weight: c.weight,
+            })
+            .collect();
+        self.router.set_connectors(connectors);
+    }
+
+    fn create_connector(&self, req: admin::CreateConnector) -> ApiResponse {
+        let bad = |m: String| admin::error(StatusCode::BAD_REQUEST, m);
+        if let Err(e) = model::check_routing_key(&req.routing_key) {
+            return bad(e.to_string());
+        }
+        let name = req.name.clone().unwrap_or_else(|| req.routing_key.clone());
+        if let Err(e) = model::check_name("connector", &name) {
+            return bad(format!("{e} (pass --name)"));
+        }
+        if req.host.is_empty() || req.port == 0 {
+            return bad("a connector needs --host and a --port other than 0".into());
+        }
+        let record = ConnectorRecord {
+            name: name.clone(),
+            routing_key: req.routing_key,
+            host: req.host,
+            port: req.port,
+            weight: req.weight.unwrap_or(1).max(1),
+        };
+        let saved = self.core.change(|state| {
+            if state.connectors.iter().any(|c| c.name == name) {
+                return Err(Error::Invalid(format!(
+                    "a connector named {name} already exists; delete it first or pick another --name"
+                )));
+            }
+            state.connectors.push(record.clone());
+            Ok(())
+        });
+        match saved {
+            Ok(()) => {
+                self.apply_connectors();
+                tracing::info!(connector = %name, key = %record.routing_key, "connector created");
+                admin::ok(&connector_view(&record))
+            }
+            Err(e @ Error::Invalid(_)) => admin::error(StatusCode::CONFLICT, e.to_string()),
+            Err(e) => admin::error(StatusCode::INSUFFICIENT_STORAGE, e.to_string()),
+        }
+    }
+
+    fn delete_connector(&self, name: &str) -> ApiResponse {
+        let removed = self.core.change(|state| {
+            let before = state.connectors.len();
+            state.connectors.retain(|c| c.name != name);
+            if before == state.connectors.len() {
+                return Err(Error::Invalid(format!(
+                    "no connector named {name} (see skiff connector list)"
+                )));
+            }
+            Ok(())
+        });
+        match removed {
+            Ok(()) => {
+                self.apply_connectors();
+                admin::ok(&serde_json::json!({}))
+            }
+            Err(e @ Error::Invalid(_)) => admin::error(StatusCode::NOT_FOUND, e.to_string()),
+            Err(e) => admin::error(StatusCode::INSUFFICIENT_STORAGE, e.to_string()),
+        }
+    }
+
+    async fn create_listener(&self, req: admin::CreateListener) -> ApiResponse {
+        let bad = |m: String| admin::error(StatusCode::BAD_REQUEST, m);
+        if let Err(e) = model::check_routing_key(&req.routing_key) {
+            return bad(e.to_string());
+        }
+        let name = req.name.clone().unwrap_or_else(|| req.routing_key.clone());
+        if let Err(e) = model::check_name("listener", &name) {
+            return bad(format!("{e} (pass --name)"));
+        }
+        let strategy = req.strategy.unwrap_or_else(|| "balanced".into());
+        if Strategy::parse(&strategy).is_none() {
+            return bad(format!(
+                "unknown strategy {strategy:?}: use balanced, closest, round-robin or source-affinity"
+            ));
+        }
+        if self.core.lock().listeners.iter().any(|l| l.name == name) {
+            return admin::error(
+                StatusCode::CONFLICT,
+                format!("a listener named {name} already exists; delete it first or pick another --name"),
+            );
+        }
+        let record = ListenerRecord {
+            name: name.clone(),
+            routing_key: req.routing_key,
+            bind: req.bind.unwrap_or_else(|| "127.0.0.1".into()),
+            port: req.port,
+            strategy,
+        };
+        let socket = match bind_listener(&record).await {
+            Ok(socket) => socket,
+            Err(e) => return admin::error(StatusCode::CONFLICT, e),
+        };
+        let mut record = record;
+        if record.port == 0 {
+            // Port 0 asks for any free port; store the one we got so restarts keep it.
+            record.port = socket.local_addr().map(|a| a.port()).unwrap_or(0);
+        }
+        if let Err(e) = self.core.change(|state| {
+            state.listeners.push(record.clone());
+            Ok(())
+        }) {
+            return admin::error(StatusCode::INSUFFICIENT_STORAGE, e.to_string());
+        }
+        self.router.add_listener(listener_config(&record), socket);
+        tracing::info!(listener = %name, key = %record.routing_key, port = record.port, "listener created");
+        admin::ok(&self.listener_view(&record))
+    }
+
+    fn delete_listener(&self, name: &str) -> ApiResponse {
+        let removed = self.core.change(|state| {
+            let before = state.listeners.len();
+            state.listeners.retain(|l| l.name != name);
+            if before == state.listeners.len() {
+                return Err(Error::Invalid(format!(
+                    "no listener named {name} (see skiff listener list)"
+                )));
+            }
+            Ok(())
+        });
+        match removed {
+            Ok(()) => {
+                self.router.remove_listener(name);
+                self.errors().remove(name);
+                admin::ok(&serde_json::json!({}))
+            }
+            Err(e @ Error::Invalid(_)) => admin::error(StatusCode::NOT_FOUND, e.to_string()),
+            Err(e) => admin::error(StatusCode::INSUFFICIENT_STORAGE, e.to_string()),
+        }
+    }
+
+    fn listener_view(&self, record: &ListenerRecord) -> admin::ListenerView {
+        let table = self.router.table();
+        admin::ListenerView {
+            name: record.name.clone(),
+            routing_key: record.routing_key.clone(),
+            bind: record.bind.clone(),
+            port: record.port,
+            strategy: record.strategy.clone(),
+            targets: table
+                .targets(&record.routing_key)
+                .iter()
+                .map(|t| table.name(t.site))
+                .collect(),
+            error: self.errors().get(&record.name).cloned(),
+        }
+    }
+
+    fn network(&self) -> admin::NetworkView {
+        let table = self.router.table();
+        let own = self.core.config.id;
+        let adverts = self.router.advertisements();
+        let rtts: std::collections::HashMap<Uuid, f64> = self
+            .router
+            .links()
+            .iter()
+            .filter_map(|l| l.rtt.map(|r| (l.peer_site, r.as_secs_f64() * 1000.0)))
+            .collect();
+        let mut sites: Vec<admin::NetworkSite> = adverts
+            .iter()
+            .map(|a| {
+                let route = table.routes.get(&a.origin);
+                admin::NetworkSite {
+                    name: a.name.clone(),
+                    id: a.origin,
+                    local: a.origin == own,
+                    reachable: a.origin == own || route.is_some(),
+                    cost: if a.origin == own {
+                        Some(0)
+                    } else {
+                        route.map(|r| r.cost)
+                    },
+                    next_hop: route.map(|r| table.name(r.next_hop)),
+                }
+            })
+            .collect();
+        sites.sort_by(|a, b| {
+            (a.cost.is_none(), a.cost, &a.name).cmp(&(b.cost.is_none(), b.cost, &b.name))
+        });
+        let mut links = Vec::new();
+        for a in &adverts {
+            for l in &a.links {
+                let back = adverts
+                    .iter()
+                    .find(|b| b.origin == l.peer)
+                    .is_some_and(|b| b.links.iter().any(|x| x.peer == a.origin));
+                // List each link once: from the smaller id when both ends advertise it.
+                if back && a.origin > l.peer {
+                    continue;
+                }
+                let rtt = if a.origin == own {
+                    rtts.get(&l.peer).copied()
+                } else if l.peer == own {
+                    rtts.get(&a.origin).copied()
+                } else {
+                    None
+                };
+                links.push(admin::NetworkLink {
+                    from: a.name.clone(),
+                    to: table.name(l.peer),
+                    cost: l.cost,
+                    state: if back { "up" } else { "down" }.into(),
+                    rtt_ms: rtt,
+                });
+            }
+        }
+        links.sort_by(|a, b| (&a.from, &a.to).cmp(&(&b.from, &b.to)));
+        let services = table
+            .services
+            .iter()
+            .map(|(key, targets)| admin::NetworkService {
+                routing_key: key.clone(),
+                sites: targets
+                    .iter()
+                    .map(|t| admin::ServingSite {
+                        name: table.name(t.site),
+                        cost: t.cost,
+                        weight: t.weight,
+                    })
+                    .collect(),
+            })
+            .collect();
+        admin::NetworkView {
+            site: self.core.config.name.clone(),
+            sites,
+            links,
+            services,
+        }
     }
 
     async fn handle(&self, req: ApiRequest) -> ApiResponse {
@@ -214,6 +498,36 @@ impl Site {
             (&Method::DELETE, p) if p.starts_with("/v1/links/") => {
                 self.delete_link(&p["/v1/links/".len()..])
             }
+            (&Method::GET, "/v1/connectors") => {
+                let list: Vec<_> = self
+                    .core
+                    .lock()
+                    .connectors
+                    .iter()
+                    .map(connector_view)
+                    .collect();
+                admin::ok(&list)
+            }
+            (&Method::POST, "/v1/connectors") => match admin::parse(&req.body) {
+                Ok(body) => self.create_connector(body),
+                Err(e) => e,
+            },
+            (&Method::DELETE, p) if p.starts_with("/v1/connectors/") => {
+                self.delete_connector(&p["/v1/connectors/".len()..])
+            }
+            (&Method::GET, "/v1/listeners") => {
+                let records = self.core.lock().listeners.clone();
+                let list: Vec<_> = records.iter().map(|r| self.listener_view(r)).collect();
+                admin::ok(&list)
+            }
+            (&Method::POST, "/v1/listeners") => match admin::parse(&req.body) {
+                Ok(body) => self.create_listener(body).await,
+                Err(e) => e,
+            },
+            (&Method::DELETE, p) if p.starts_with("/v1/listeners/") => {
+                self.delete_listener(&p["/v1/listeners/".len()..])
+            }
+            (&Method::GET, "/v1/network") => admin::ok(&self.network()),
             _ => admin::error(
                 StatusCode::NOT_FOUND,
                 format!("no such admin API route: {} {}", req.method, req.path),
@@ -265,7 +579,11 @@ impl Site {
         let code = hex(&rand::random::<[u8; 20]>());
         let now = model::unix_now();
         let grant = Grant {
-            id: format!("{}-{}", self.core.config.name, hex(&rand::random::<[u8; 4]>())),
+            id: format!(
+                "{}-{}",
+                self.core.config.name,
+                hex(&rand::random::<[u8; 4]>())
+            ),
             code_sha256: hex(&sha256(code.as_bytes())),
             uses_left: req.uses,
             expires: now + req.expiry_secs,
@@ -502,12 +820,13 @@ impl Site {
 
     /// Answers one redemption on the link port.
     async fn serve_claim(&self, mut tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>) {
-        let request = match tokio::time::timeout(HANDSHAKE_TIMEOUT, claim::read_frame(&mut tls)).await {
-            Ok(Ok(raw)) => serde_json::from_slice::<ClaimRequest>(&raw)
-                .map_err(|e| format!("malformed claim: {e}")),
-            Ok(Err(e)) => Err(format!("unreadable claim: {e}")),
-            Err(_) => Err("no claim sent within 10 s".to_string()),
-        };
+        let request =
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, claim::read_frame(&mut tls)).await {
+                Ok(Ok(raw)) => serde_json::from_slice::<ClaimRequest>(&raw)
+                    .map_err(|e| format!("malformed claim: {e}")),
+                Ok(Err(e)) => Err(format!("unreadable claim: {e}")),
+                Err(_) => Err("no claim sent within 10 s".to_string()),
+            };
         let response = match request.and_then(|r| self.redeem(r)) {
             Ok(cert) => ClaimResponse::Granted { cert },
             Err(reason) => {
@@ -615,8 +934,11 @@ impl Core {
     /// Certificate and key go in one 0600 file so a renewal replaces both in one atomic rename.
     fn save_link_cert(&self, name: &str, cert: &CertifiedKey) -> Result<(), Error> {
         let joined = format!("{}\n{}", cert.cert_pem.trim_end(), cert.key_pem);
-        self.store
-            .write(&format!("links/{name}.pem"), joined.as_bytes(), Mode::Private)
+        self.store.write(
+            &format!("links/{name}.pem"),
+            joined.as_bytes(),
+            Mode::Private,
+        )
     }
 }
 
@@ -691,19 +1013,52 @@ async fn serve_health(listener: TcpListener, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => break,
         };
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
-                let (status, body) = match req.uri().path() {
-                    "/healthz" | "/readyz" => (StatusCode::OK, "ok\n"),
-                    _ => (StatusCode::NOT_FOUND, "not found\n"),
-                };
-                let mut response = hyper::Response::new(Full::new(bytes::Bytes::from_static(body.as_bytes())));
-                *response.status_mut() = status;
-                Ok::<_, std::convert::Infallible>(response)
-            });
+            let service = hyper::service::service_fn(
+                |req: hyper::Request<hyper::body::Incoming>| async move {
+                    let (status, body) = match req.uri().path() {
+                        "/healthz" | "/readyz" => (StatusCode::OK, "ok\n"),
+                        _ => (StatusCode::NOT_FOUND, "not found\n"),
+                    };
+                    let mut response =
+                        hyper::Response::new(Full::new(bytes::Bytes::from_static(body.as_bytes())));
+                    *response.status_mut() = status;
+                    Ok::<_, std::convert::Infallible>(response)
+                },
+            );
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
+    }
+}
+
+async fn bind_listener(record: &ListenerRecord) -> Result<TcpListener, String> {
+    TcpListener::bind((record.bind.as_str(), record.port))
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot listen on {}:{} for listener {} ({e}); pick another --port or stop what \
+                 uses it",
+                record.bind, record.port, record.name
+            )
+        })
+}
+
+fn listener_config(record: &ListenerRecord) -> ListenerConfig {
+    ListenerConfig {
+        name: record.name.clone(),
+        routing_key: record.routing_key.clone(),
+        strategy: Strategy::parse(&record.strategy).unwrap_or_default(),
+    }
+}
+
+fn connector_view(record: &ConnectorRecord) -> admin::ConnectorView {
+    admin::ConnectorView {
+        name: record.name.clone(),
+        routing_key: record.routing_key.clone(),
+        host: record.host.clone(),
+        port: record.port,
+        weight: record.weight,
     }
 }
 

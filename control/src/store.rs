@@ -177,7 +177,10 @@ mod tests {
         store.write("a.key", b"one", Mode::Private).unwrap();
         store.write("a.key", b"two", Mode::Private).unwrap();
         assert_eq!(store.read("a.key").unwrap(), "two");
-        let mode = fs::metadata(dir.path().join("a.key")).unwrap().permissions().mode();
+        let mode = fs::metadata(dir.path().join("a.key"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         let leftovers: Vec<_> = fs::read_dir(dir.path())
             .unwrap()
@@ -202,7 +205,10 @@ mod tests {
     #[test]
     fn missing_site_says_how_to_create_one() {
         let dir = tempfile::tempdir().unwrap();
-        let err = Store::new(dir.path()).load_config().unwrap_err().to_string();
+        let err = Store::new(dir.path())
+            .load_config()
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("skiff"), "{err}");
         assert!(err.contains("site init"), "{err}");
     }

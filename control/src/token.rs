@@ -221,12 +221,24 @@ mod tests {
     fn wrong_kind_malformed_and_tampered_tokens_are_refused() {
         let yaml = sample().to_yaml();
         let wrong = yaml.replace("kind: AccessToken", "kind: Listener");
-        assert!(matches!(AccessToken::parse(&wrong), Err(TokenError::WrongKind(..))));
-        assert!(matches!(AccessToken::parse("{"), Err(TokenError::Malformed(_))));
+        assert!(matches!(
+            AccessToken::parse(&wrong),
+            Err(TokenError::WrongKind(..))
+        ));
+        assert!(matches!(
+            AccessToken::parse("{"),
+            Err(TokenError::Malformed(_))
+        ));
         let short = yaml.replace(&"ab".repeat(20), "abcd");
-        assert!(matches!(AccessToken::parse(&short), Err(TokenError::Invalid(_))));
+        assert!(matches!(
+            AccessToken::parse(&short),
+            Err(TokenError::Invalid(_))
+        ));
         let bad_ca = yaml.replace("BEGIN CERTIFICATE", "BEGIN NOTHING");
-        assert!(matches!(AccessToken::parse(&bad_ca), Err(TokenError::Invalid(_))));
+        assert!(matches!(
+            AccessToken::parse(&bad_ca),
+            Err(TokenError::Invalid(_))
+        ));
         let extra = format!("{yaml}privateKey: x\n");
         assert!(AccessToken::parse(&extra).is_err());
     }

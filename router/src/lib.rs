@@ -14,10 +14,13 @@
 
 #![forbid(unsafe_code)]
 
+pub mod forward;
 pub mod link;
 pub mod proto;
+mod routing;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -26,7 +29,10 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+pub use forward::{ConnectorConfig, ListenerConfig};
 pub use link::transport::StreamError;
+pub use proto::balance::Strategy;
+pub use proto::routing::{Advertisement, Table};
 
 /// ALPN protocol id of link connections on the link port.
 pub const ALPN_LINK: &[u8] = b"skiff-link/1";
@@ -165,6 +171,9 @@ pub struct Router {
     inner: Arc<Inner>,
 }
 
+/// Local connectors by routing key.
+pub(crate) type Connectors = Arc<BTreeMap<String, Vec<ConnectorConfig>>>;
+
 pub(crate) struct Inner {
     pub(crate) config: Config,
     pub(crate) hooks: Arc<dyn Hooks>,
@@ -172,6 +181,24 @@ pub(crate) struct Inner {
     pub(crate) pending: Mutex<link::accept::Pending>,
     pub(crate) changed: watch::Sender<u64>,
     pub(crate) shutdown: CancellationToken,
+    /// Link-state database and this site's advertisement sequence.
+    pub(crate) routing: Mutex<routing::Routing>,
+    /// Every advertisement held, for the sessions to flood.
+    pub(crate) adverts: watch::Sender<routing::Adverts>,
+    /// The routing table computed from the database.
+    pub(crate) table: watch::Sender<Arc<Table>>,
+    /// Links that are up, by peer site.
+    pub(crate) live: Mutex<HashMap<Uuid, routing::Live>>,
+    /// This site's connectors.
+    pub(crate) connectors: Mutex<Connectors>,
+    /// This site's listeners, by name.
+    pub(crate) listeners: Mutex<HashMap<String, CancellationToken>>,
+    /// Open carried connections by (routing key, serving site), for the balanced strategy.
+    pub(crate) open: Mutex<HashMap<(String, Uuid), u64>>,
+    pub(crate) next_session: AtomicU64,
+    pub(crate) next_connection: AtomicU64,
+    /// Round-robin turn shared by all listeners.
+    pub(crate) turn: AtomicU64,
 }
 
 #[derive(Default)]
@@ -195,16 +222,95 @@ pub(crate) struct Incoming {
 impl Router {
     /// A router with no links yet. Every task it spawns stops when `shutdown` is cancelled.
     pub fn new(config: Config, hooks: Arc<dyn Hooks>, shutdown: CancellationToken) -> Self {
-        Router {
-            inner: Arc::new(Inner {
-                config,
-                hooks,
-                links: Mutex::new(Links::default()),
-                pending: Mutex::new(link::accept::Pending::default()),
-                changed: watch::channel(0).0,
-                shutdown,
-            }),
+        let own = config.site_id;
+        let inner = Arc::new(Inner {
+            routing: Mutex::new(routing::Routing::new(own)),
+            adverts: watch::channel(Arc::new(Vec::new())).0,
+            table: watch::channel(Arc::new(Table::default())).0,
+            live: Mutex::new(HashMap::new()),
+            connectors: Mutex::new(Arc::new(BTreeMap::new())),
+            listeners: Mutex::new(HashMap::new()),
+            open: Mutex::new(HashMap::new()),
+            next_session: AtomicU64::new(1),
+            next_connection: AtomicU64::new(1),
+            turn: AtomicU64::new(0),
+            config,
+            hooks,
+            links: Mutex::new(Links::default()),
+            pending: Mutex::new(link::accept::Pending::default()),
+            changed: watch::channel(0).0,
+            shutdown,
+        });
+        inner.reoriginate();
+        tokio::spawn(routing::refresh(Arc::downgrade(&inner)));
+        Router { inner }
+    }
+
+    /// Replaces this site's connectors and advertises the routing keys they serve.
+    pub fn set_connectors(&self, connectors: Vec<ConnectorConfig>) {
+        let mut by_key: BTreeMap<String, Vec<ConnectorConfig>> = BTreeMap::new();
+        for c in connectors {
+            by_key.entry(c.routing_key.clone()).or_default().push(c);
         }
+        *self
+            .inner
+            .connectors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Arc::new(by_key);
+        self.inner.reoriginate();
+    }
+
+    /// Starts serving a listener on an already bound socket. Replaces a listener of the same
+    /// name.
+    pub fn add_listener(&self, config: ListenerConfig, listener: tokio::net::TcpListener) {
+        let cancel = self.inner.shutdown.child_token();
+        let previous = self
+            .inner
+            .listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(config.name.clone(), cancel.clone());
+        if let Some(previous) = previous {
+            previous.cancel();
+        }
+        tokio::spawn(forward::run_listener(
+            self.inner.clone(),
+            config,
+            listener,
+            cancel,
+        ));
+    }
+
+    /// Stops a listener (its port is closed; carried connections go on); false if none.
+    pub fn remove_listener(&self, name: &str) -> bool {
+        let removed = self
+            .inner
+            .listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+        match removed {
+            Some(cancel) => {
+                cancel.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The current routing table (sites, next hops, and where each key is served).
+    pub fn table(&self) -> Arc<Table> {
+        self.inner.table()
+    }
+
+    /// A receiver that sees every new routing table.
+    pub fn subscribe_table(&self) -> watch::Receiver<Arc<Table>> {
+        self.inner.table.subscribe()
+    }
+
+    /// Every link-state advertisement this router holds (the whole network as it knows it).
+    pub fn advertisements(&self) -> Vec<Arc<Advertisement>> {
+        self.inner.adverts.borrow().as_ref().clone()
     }
 
     /// This router's settings.
@@ -349,6 +455,13 @@ impl Inner {
         let result = f(&mut self.lock());
         self.changed.send_modify(|n| *n = n.wrapping_add(1));
         result
+    }
+
+    pub(crate) fn connectors(&self) -> Connectors {
+        self.connectors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Updates the status of outgoing link `name`, if it still exists.

@@ -106,7 +106,10 @@ async fn demo(root: &std::path::Path, args: &DemoArgs, shutdown: &CancellationTo
     if args.keep {
         println!("\nthe demo network keeps running; inspect it with e.g.:");
         for (i, name) in SITES.iter().enumerate() {
-            println!("  skiff --state-dir {} status    # {name}", dirs[i].display());
+            println!(
+                "  skiff --state-dir {} status    # {name}",
+                dirs[i].display()
+            );
         }
         println!("press Ctrl-C to stop");
         super::shutdown_on_signals()?.cancelled().await;

@@ -104,7 +104,11 @@ pub async fn run(command: LinkCommand, dir: &Path) -> Result<()> {
                 .await?;
             println!(
                 "site {} ({}) revoked; {} live link{} closed",
-                if revoked.name.is_empty() { &site } else { &revoked.name },
+                if revoked.name.is_empty() {
+                    &site
+                } else {
+                    &revoked.name
+                },
                 revoked.id,
                 revoked.closed_links,
                 if revoked.closed_links == 1 { "" } else { "s" }

@@ -3,6 +3,7 @@
 mod demo;
 mod link;
 mod output;
+mod service;
 mod site;
 mod token;
 
@@ -41,6 +42,15 @@ pub enum Command {
     /// Create, inspect, delete and revoke links.
     #[command(subcommand)]
     Link(link::LinkCommand),
+    /// Serve a routing key from a backend this site can reach.
+    #[command(subcommand)]
+    Connector(service::ConnectorCommand),
+    /// Open a local port whose connections go to a routing key.
+    #[command(subcommand)]
+    Listener(service::ListenerCommand),
+    /// The whole network: sites, links, routing keys.
+    #[command(subcommand)]
+    Network(service::NetworkCommand),
     /// Show the site and its links.
     Status {
         /// Output format.
@@ -76,6 +86,9 @@ pub async fn run(args: Args) -> Result<()> {
         Command::Site(command) => site::run(command, &state_dir).await,
         Command::Token(command) => token::run(command, &state_dir).await,
         Command::Link(command) => link::run(command, &state_dir).await,
+        Command::Connector(command) => service::connector(command, &state_dir).await,
+        Command::Listener(command) => service::listener(command, &state_dir).await,
+        Command::Network(command) => service::network(command, &state_dir).await,
         Command::Status { output } => site::status(&state_dir, output).await,
         Command::Version => {
             println!("skiff {}", env!("CARGO_PKG_VERSION"));

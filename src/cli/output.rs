@@ -60,7 +60,14 @@ pub fn table(rows: &[Vec<String>]) -> String {
 /// The link table used by `link status`, `status` and the demo.
 pub fn link_table(links: &[skiff_control::admin::LinkView]) -> String {
     let mut rows = vec![[
-        "NAME", "DIRECTION", "PEER", "STATE", "RTT", "COST", "SINCE", "NOTE",
+        "NAME",
+        "DIRECTION",
+        "PEER",
+        "STATE",
+        "RTT",
+        "COST",
+        "SINCE",
+        "NOTE",
     ]
     .map(String::from)
     .to_vec()];

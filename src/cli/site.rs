@@ -72,7 +72,10 @@ pub async fn run(command: SiteCommand, dir: &Path) -> Result<()> {
                      re-create the site with --link-host HOST to link from elsewhere"
                 );
             }
-            println!("start it with: skiff --state-dir {} site run", dir.display());
+            println!(
+                "start it with: skiff --state-dir {} site run",
+                dir.display()
+            );
             Ok(())
         }
         SiteCommand::Run => run_daemon(dir).await,

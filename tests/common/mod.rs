@@ -114,6 +114,7 @@ impl Site {
             .arg(self.state_dir())
             .args(["site", "run"])
             .env_remove("RUST_LOG")
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -261,8 +262,9 @@ impl Site {
             .expect("link status is not JSON")
     }
 
-    /// The one link with site `peer`, in the given direction; `Err` describes what is there.
-    pub fn link_with(&self, peer: &str, direction: &str) -> Result<Value, String> {
+    /// The link with site `peer` in the given direction, if there is one; `Err` if the CLI
+    /// fails or there are several.
+    pub fn find_link(&self, peer: &str, direction: &str) -> Result<Option<Value>, String> {
         let out = self.cli(&["link", "status", "-o", "json"]);
         if !out.status.success() {
             return Err(format!(
@@ -279,12 +281,19 @@ impl Site {
             .filter(|l| l["peerSite"] == peer && l["direction"] == direction)
             .collect();
         match matching.as_slice() {
-            [one] => Ok((*one).clone()),
+            [] => Ok(None),
+            [one] => Ok(Some((*one).clone())),
             _ => Err(format!(
-                "{}: expected one {direction} link with {peer}, links are {links}",
+                "{}: several {direction} links with {peer}: {links}",
                 self.name
             )),
         }
+    }
+
+    /// The one link with site `peer` in the given direction; `Err` describes what is there.
+    pub fn link_with(&self, peer: &str, direction: &str) -> Result<Value, String> {
+        self.find_link(peer, direction)?
+            .ok_or_else(|| format!("{}: no {direction} link with {peer}", self.name))
     }
 
     /// The link with `peer` if it is up with an RTT; `Err` describes what is there.

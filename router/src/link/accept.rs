@@ -121,7 +121,11 @@ async fn forward(inner: Arc<Inner>, tls: ServerTls, peer: Uuid, session_token: [
                  two sites are linked once, in one direction",
                 config.site_name
             );
-            let _ = control.send(&Message::Refuse { reason: reason.clone() }).await;
+            let _ = control
+                .send(&Message::Refuse {
+                    reason: reason.clone(),
+                })
+                .await;
             return Err(reason);
         }
         let (tx, rx) = oneshot::channel();
@@ -197,8 +201,11 @@ async fn forward(inner: Arc<Inner>, tls: ServerTls, peer: Uuid, session_token: [
             &inner,
             peer,
             &peer_name,
-            Role::Acceptor { session: session_no },
-            transport,
+            cost,
+            Role::Acceptor {
+                session: session_no,
+            },
+            Arc::new(transport),
             control,
             &cancel,
         )

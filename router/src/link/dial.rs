@@ -52,8 +52,9 @@ pub(crate) async fn run(inner: Arc<Inner>, link: OutgoingLink, cancel: Cancellat
                         &inner,
                         link.peer_site,
                         &link.peer_name,
+                        link.cost,
                         role,
-                        transport,
+                        Arc::new(transport),
                         control,
                         &cancel,
                     )
@@ -102,6 +103,12 @@ fn backoff(config: &crate::Config, failures: u32) -> Duration {
 }
 
 fn explain(error: String, cert: &CertifiedKey) -> String {
+    if error.contains("CertificateRevoked") {
+        return format!(
+            "{error} (the peer site revoked this site; only its operators can let it back in, \
+             with a new token)"
+        );
+    }
     match cert.not_after() {
         Ok(expiry) if expiry <= SystemTime::now() => format!(
             "{error} (this link's client certificate expired at {}; ask the peer for a new token \

@@ -8,7 +8,8 @@
 //! certificate's remaining life (as of when it was loaded or received) has passed. The live link
 //! is untouched by a renewal: the new certificate is persisted and used from the next connection.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use skiff_certs::CertifiedKey;
@@ -17,7 +18,8 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::control::ControlChannel;
-use super::transport::{SendStream, Transport};
+use super::tls::{H2Recv, H2Send, TlsTransport};
+use super::transport::Transport;
 use crate::proto::Message;
 use crate::Inner;
 
@@ -38,16 +40,26 @@ pub(crate) enum Role<'a> {
 }
 
 /// Runs the session until the link dies or `cancel` fires; returns why it ended.
-pub(crate) async fn run<T: Transport>(
-    inner: &Inner,
+///
+/// While it runs, the link is registered for forwarding and routing, advertisements are
+/// flooded to the peer (each origin's newest, once), and streams the peer opens are served.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn run(
+    inner: &Arc<Inner>,
     peer: Uuid,
     peer_name: &str,
+    cost: u32,
     mut role: Role<'_>,
-    transport: T,
-    mut control: ControlChannel<T::Send, T::Recv>,
+    transport: Arc<TlsTransport>,
+    mut control: ControlChannel<H2Send, H2Recv>,
     cancel: &CancellationToken,
 ) -> String {
     let config = &inner.config;
+    let live = inner.link_up(peer, cost, transport.clone());
+    // What the peer has been told (or told us) about each origin: flooding sends only news.
+    let mut told: HashMap<Uuid, u64> = HashMap::new();
+    let mut adverts = inner.adverts.subscribe();
+    adverts.mark_changed();
     let mut heartbeat = tokio::time::interval(config.heartbeat_interval);
     heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();
@@ -141,6 +153,11 @@ pub(crate) async fn run<T: Transport>(
                         }
                         None
                     }
+                    Message::Advertise(adv) => {
+                        told.insert(adv.origin, adv.seq);
+                        inner.receive_advert(adv);
+                        None
+                    }
                     Message::Refuse { reason } => break format!("peer closed the link: {reason}"),
                     Message::Hello { .. } => break "peer sent a second hello".into(),
                 };
@@ -163,28 +180,41 @@ pub(crate) async fn run<T: Transport>(
                     Err(e) => tracing::error!(error = %e, "cannot make a renewal request"),
                 }
             }
+            changed = adverts.changed() => {
+                if changed.is_err() {
+                    break "router stopped".to_string();
+                }
+                let snapshot = adverts.borrow_and_update().clone();
+                let mut failed = None;
+                for adv in snapshot.iter() {
+                    if adv.origin == peer || told.get(&adv.origin).is_some_and(|&s| s >= adv.seq) {
+                        continue;
+                    }
+                    told.insert(adv.origin, adv.seq);
+                    if let Err(e) = control.send(&Message::Advertise((**adv).clone())).await {
+                        failed = Some(e.to_string());
+                        break;
+                    }
+                }
+                if let Some(e) = failed {
+                    break e;
+                }
+            }
             incoming = transport.accept() => {
-                let Some((mut send, recv)) = incoming else {
+                let Some((send, recv)) = incoming else {
                     break "connection lost".to_string();
                 };
-                // Carried connections arrive with the service-traffic layer; until then any
-                // other stream is refused with a reset so the opener is not left hanging.
-                drop(recv);
-                send.reset();
+                tokio::spawn(crate::forward::serve_stream(inner.clone(), send, recv));
             }
         }
     };
+    inner.link_down(peer, live);
     control.reset();
     transport.close();
     reason
 }
 
-fn set_status(
-    inner: &Inner,
-    role: &Role<'_>,
-    peer: Uuid,
-    f: impl FnOnce(&mut crate::LinkStatus),
-) {
+fn set_status(inner: &Inner, role: &Role<'_>, peer: Uuid, f: impl FnOnce(&mut crate::LinkStatus)) {
     match role {
         Role::Dialer { name, .. } => inner.set_outgoing(name, f),
         Role::Acceptor { session } => inner.set_incoming(peer, *session, f),

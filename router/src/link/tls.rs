@@ -368,16 +368,16 @@ mod tests {
         let (_s2, _r2) = b.accept().await.unwrap();
         // Nobody reads on b: the sender must stall once window and send buffer are used up.
         let chunk = Bytes::from(vec![0u8; 64 * 1024]);
-        let sent = tokio::time::timeout(std::time::Duration::from_millis(500), async {
-            let mut total = 0usize;
-            loop {
+        let mut total = 0usize;
+        let stalled = tokio::time::timeout(std::time::Duration::from_millis(500), async {
+            while total < 64 * 1024 * 1024 {
                 s1.send(chunk.clone()).await.unwrap();
                 total += chunk.len();
             }
-            #[allow(unreachable_code)]
-            total
         })
-        .await;
-        assert!(sent.is_err(), "sender never stalled");
+        .await
+        .is_err();
+        assert!(stalled, "sender pushed {total} bytes with nobody reading");
+        assert!(total <= (STREAM_WINDOW as usize) + SEND_BUFFER + chunk.len());
     }
 }

@@ -8,6 +8,8 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use uuid::Uuid;
 
+use super::routing::{AdvertisedLink, AdvertisedService, Advertisement, MAX_ADVERTISED};
+
 /// The largest control frame a router accepts (kind byte and fields, without the length prefix).
 pub const MAX_FRAME: usize = 256 * 1024;
 
@@ -50,6 +52,8 @@ pub enum Message {
         /// The new client certificate (PEM), or why it was refused.
         result: Result<String, String>,
     },
+    /// A link-state advertisement, flooded to every router.
+    Advertise(Advertisement),
 }
 
 /// Why a control frame could not be decoded. Every variant is the peer's fault.
@@ -76,6 +80,9 @@ pub enum DecodeError {
     /// A tag inside a field has a value outside its range.
     #[error("control message has an invalid tag {0}")]
     BadTag(u8),
+    /// A list is longer than its bound.
+    #[error("control message lists {0} items, more than allowed")]
+    TooMany(usize),
 }
 
 const HELLO: u8 = 1;
@@ -84,6 +91,7 @@ const PING: u8 = 3;
 const PONG: u8 = 4;
 const RENEW_REQUEST: u8 = 5;
 const RENEW_RESPONSE: u8 = 6;
+const ADVERTISE: u8 = 7;
 
 impl Message {
     /// Appends this message as one frame to `out`.
@@ -132,6 +140,24 @@ impl Message {
                     }
                 }
             }
+            Message::Advertise(adv) => {
+                out.put_u8(ADVERTISE);
+                out.put_slice(adv.origin.as_bytes());
+                put_str(out, &adv.name);
+                out.put_u64(adv.seq);
+                let links = &adv.links[..adv.links.len().min(MAX_ADVERTISED)];
+                out.put_u16(links.len() as u16);
+                for link in links {
+                    out.put_slice(link.peer.as_bytes());
+                    out.put_u32(link.cost);
+                }
+                let services = &adv.services[..adv.services.len().min(MAX_ADVERTISED)];
+                out.put_u16(services.len() as u16);
+                for service in services {
+                    put_str(out, &service.key);
+                    out.put_u32(service.weight);
+                }
+            }
         }
         let len = (out.len() - start - 4) as u32;
         out[start..start + 4].copy_from_slice(&len.to_be_bytes());
@@ -172,6 +198,34 @@ impl Message {
                     tag => return Err(DecodeError::BadTag(tag)),
                 };
                 Message::RenewResponse { result }
+            }
+            ADVERTISE => {
+                let origin = get_uuid(&mut body)?;
+                let name = get_str(&mut body)?;
+                let seq = get_u64(&mut body)?;
+                let count = get_count(&mut body)?;
+                let mut links = Vec::with_capacity(count);
+                for _ in 0..count {
+                    links.push(AdvertisedLink {
+                        peer: get_uuid(&mut body)?,
+                        cost: get_u32(&mut body)?,
+                    });
+                }
+                let count = get_count(&mut body)?;
+                let mut services = Vec::with_capacity(count);
+                for _ in 0..count {
+                    services.push(AdvertisedService {
+                        key: get_str(&mut body)?,
+                        weight: get_u32(&mut body)?,
+                    });
+                }
+                Message::Advertise(Advertisement {
+                    origin,
+                    name,
+                    seq,
+                    links,
+                    services,
+                })
             }
             other => return Err(DecodeError::UnknownKind(other)),
         };
@@ -243,6 +297,18 @@ fn get_str(body: &mut Bytes) -> Result<String, DecodeError> {
     String::from_utf8(raw.to_vec()).map_err(|_| DecodeError::NotUtf8)
 }
 
+/// A list length, bounded so a hostile count cannot make the decoder reserve much memory.
+fn get_count(body: &mut Bytes) -> Result<usize, DecodeError> {
+    if body.remaining() < 2 {
+        return Err(DecodeError::Truncated);
+    }
+    let count = body.get_u16() as usize;
+    if count > MAX_ADVERTISED {
+        return Err(DecodeError::TooMany(count));
+    }
+    Ok(count)
+}
+
 fn get_u32(body: &mut Bytes) -> Result<u32, DecodeError> {
     if body.remaining() < 4 {
         return Err(DecodeError::Truncated);
@@ -287,6 +353,31 @@ mod tests {
             ".{0,300}".prop_map(|csr_pem| Message::RenewRequest { csr_pem }),
             ".{0,300}".prop_map(|c| Message::RenewResponse { result: Ok(c) }),
             ".{0,300}".prop_map(|c| Message::RenewResponse { result: Err(c) }),
+            (
+                any::<u128>(),
+                "[a-z]{0,10}",
+                any::<u64>(),
+                prop::collection::vec((any::<u128>(), any::<u32>()), 0..5),
+                prop::collection::vec(("[a-z.-]{0,20}", any::<u32>()), 0..5),
+            )
+                .prop_map(|(o, name, seq, links, services)| {
+                    Message::Advertise(Advertisement {
+                        origin: Uuid::from_u128(o),
+                        name,
+                        seq,
+                        links: links
+                            .into_iter()
+                            .map(|(p, cost)| AdvertisedLink {
+                                peer: Uuid::from_u128(p),
+                                cost,
+                            })
+                            .collect(),
+                        services: services
+                            .into_iter()
+                            .map(|(key, weight)| AdvertisedService { key, weight })
+                            .collect(),
+                    })
+                }),
         ]
     }
 

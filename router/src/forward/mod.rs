@@ -1,0 +1,434 @@
+//! Carrying TCP connections: listeners at the origin, connectors at the destination, and the
+//! transit hops between them.
+//!
+//! - Origin: a listener accepts a client, orders the sites serving its key with the listener's
+//!   strategy, and tries them in turn. For a remote site it opens a stream on the link towards
+//!   the next hop, writes the [`StreamHeader`], and waits for the [`ConnectResult`] before it
+//!   reads a byte from the client: whatever the client sends meanwhile waits in the socket, so a
+//!   refusal costs nothing and the next site gets the untouched connection.
+//! - Transit: a stream whose destination is another site is relayed to the next hop, header
+//!   first (with one hop less to live), then bytes both ways.
+//! - Destination: the stream's key is served by this site's connectors; the router connects to
+//!   one (trying the others if it refuses), answers with the result, then splices.
+
+pub(crate) mod splice;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::link::tls::{H2Recv, H2Send};
+use crate::link::transport::{RecvStream, SendStream, Transport};
+use crate::proto::balance::{self, Candidate, Strategy};
+use crate::proto::stream::{ConnectResult, ConnectStatus, StreamHeader, DEFAULT_TTL};
+use crate::proto::StreamKind;
+use crate::Inner;
+use splice::End;
+
+/// Limit for connecting to a connector's backend.
+const BACKEND_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Limit for a stream's header to arrive, and for a connect result to come back.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+const RESULT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A service endpoint this site reaches directly: "routing key K is served at host:port".
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectorConfig {
+    /// The connector's name.
+    pub name: String,
+    /// The routing key it serves.
+    pub routing_key: String,
+    /// The backend's host.
+    pub host: String,
+    /// The backend's port.
+    pub port: u16,
+    /// Relative share of connections (at least 1).
+    pub weight: u32,
+}
+
+/// A listener: "connections to this port go to routing key K".
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListenerConfig {
+    /// The listener's name.
+    pub name: String,
+    /// The routing key its connections go to.
+    pub routing_key: String,
+    /// How it chooses among the sites that serve the key.
+    pub strategy: Strategy,
+}
+
+/// Accepts clients on `listener` until `cancel` fires.
+pub(crate) async fn run_listener(
+    inner: Arc<Inner>,
+    config: ListenerConfig,
+    listener: TcpListener,
+    cancel: CancellationToken,
+) {
+    let config = Arc::new(config);
+    loop {
+        let (client, from) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Usually fd exhaustion: back off instead of spinning.
+                    tracing::warn!(listener = %config.name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = cancel.cancelled() => return,
+        };
+        let _ = client.set_nodelay(true);
+        let id = inner.next_connection.fetch_add(1, Ordering::Relaxed);
+        let span = tracing::debug_span!("conn", id, key = %config.routing_key, %from);
+        tokio::spawn(origin(inner.clone(), config.clone(), client, from, id).instrument(span));
+    }
+}
+
+/// Serves one client of a listener.
+async fn origin(
+    inner: Arc<Inner>,
+    config: Arc<ListenerConfig>,
+    client: TcpStream,
+    from: SocketAddr,
+    id: u64,
+) {
+    let key = &config.routing_key;
+    let table = inner.table();
+    let targets = table.targets(key);
+    if targets.is_empty() {
+        tracing::debug!("refused: no site serves the key");
+        splice::abort_tcp(client);
+        return;
+    }
+    let candidates: Vec<Candidate> = targets
+        .iter()
+        .map(|t| Candidate {
+            site: t.site,
+            cost: t.cost,
+            weight: t.weight,
+            open: inner.open_count(key, t.site),
+        })
+        .collect();
+    let turn = inner.turn.fetch_add(1, Ordering::Relaxed);
+    let order = balance::order(config.strategy, &candidates, Some(from.ip()), turn);
+    let own = inner.config.site_id;
+    for index in order {
+        let site = candidates[index].site;
+        let _open = OpenGuard::new(&inner, key, site);
+        if site == own {
+            match connect_local(&inner, key).await {
+                Ok(server) => {
+                    tracing::debug!("connected to a local connector");
+                    log_end(&splice::tcp_tcp(client, server).await);
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "local connector refused; trying the next site");
+                    continue;
+                }
+            }
+        }
+        let Some(route) = table.routes.get(&site) else {
+            continue;
+        };
+        let header = StreamHeader {
+            routing_key: key.clone(),
+            origin: own,
+            destination: site,
+            connection_id: id,
+            ttl: DEFAULT_TTL,
+        };
+        match open_remote(&inner, route.next_hop, &header).await {
+            Ok((send, recv, leftover)) => {
+                tracing::debug!(site = %table.name(site), "connected");
+                log_end(&splice::tcp_stream(client, send, recv, leftover).await);
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(site = %table.name(site), error = %e, "site refused; trying the next");
+            }
+        }
+    }
+    tracing::debug!("refused: every site serving the key refused");
+    splice::abort_tcp(client);
+}
+
+fn log_end((end, moved): &(End, splice::Moved)) {
+    match end {
+        End::Clean => tracing::debug!(bytes_up = moved.up, bytes_down = moved.down, "closed"),
+        End::Aborted(reason) => {
+            tracing::debug!(bytes_up = moved.up, bytes_down = moved.down, %reason, "aborted")
+        }
+    }
+}
+
+/// Opens a stream towards `destination` through `next_hop` and waits for its connect result.
+/// Returns the stream and any bytes that arrived behind the result.
+async fn open_remote(
+    inner: &Inner,
+    next_hop: Uuid,
+    header: &StreamHeader,
+) -> Result<(H2Send, H2Recv, Bytes), String> {
+    let transport = inner
+        .transport_to(next_hop)
+        .ok_or("no live link to the next hop")?;
+    let (mut send, mut recv) = transport.open().await.map_err(|e| e.to_string())?;
+    let mut out = BytesMut::with_capacity(64);
+    out.extend_from_slice(&[StreamKind::Connection.to_byte()]);
+    header.encode(&mut out);
+    send.send(out.freeze()).await.map_err(|e| e.to_string())?;
+    let mut buf = BytesMut::new();
+    let result = tokio::time::timeout(RESULT_TIMEOUT, async {
+        loop {
+            if let Some(result) = ConnectResult::decode(&mut buf).map_err(|e| e.to_string())? {
+                return Ok(result);
+            }
+            match recv.recv().await {
+                Ok(Some(chunk)) => buf.extend_from_slice(&chunk),
+                Ok(None) => return Err("stream closed before a connect result".to_string()),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    })
+    .await
+    .map_err(|_| "no connect result in time".to_string())??;
+    if result.status != ConnectStatus::Ok {
+        send.reset();
+        return Err(format!("{:?}: {}", result.status, result.detail));
+    }
+    Ok((send, recv, buf.freeze()))
+}
+
+/// Connects to one of this site's connectors for `key`, trying each (in weighted turn) until
+/// one accepts.
+async fn connect_local(inner: &Inner, key: &str) -> Result<TcpStream, String> {
+    let connectors = inner.connectors();
+    let Some(list) = connectors.get(key).filter(|l| !l.is_empty()) else {
+        return Err(format!("no connector for {key}"));
+    };
+    let candidates: Vec<Candidate> = list
+        .iter()
+        .map(|c| Candidate {
+            site: Uuid::nil(),
+            cost: 0,
+            weight: c.weight.max(1),
+            open: 0,
+        })
+        .collect();
+    let turn = inner.turn.fetch_add(1, Ordering::Relaxed);
+    let mut errors = Vec::new();
+    for index in balance::order(Strategy::RoundRobin, &candidates, None, turn) {
+        let c = &list[index];
+        let connect = TcpStream::connect((c.host.as_str(), c.port));
+        match tokio::time::timeout(BACKEND_CONNECT_TIMEOUT, connect).await {
+            Ok(Ok(tcp)) => {
+                let _ = tcp.set_nodelay(true);
+                return Ok(tcp);
+            }
+            Ok(Err(e)) => errors.push(format!("{}:{}: {e}", c.host, c.port)),
+            Err(_) => errors.push(format!("{}:{}: connect timed out", c.host, c.port)),
+        }
+    }
+    Err(errors.join("; "))
+}
+
+/// Serves a stream a neighbour opened on a link.
+pub(crate) async fn serve_stream(inner: Arc<Inner>, mut send: H2Send, mut recv: H2Recv) {
+    let read = tokio::time::timeout(HEADER_TIMEOUT, read_header(&mut recv)).await;
+    let (header, leftover) = match read {
+        Ok(Ok(pair)) => pair,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "bad stream from a neighbour");
+            send.reset();
+            return;
+        }
+        Err(_) => {
+            send.reset();
+            return;
+        }
+    };
+    let span = tracing::debug_span!(
+        "conn",
+        id = header.connection_id,
+        key = %header.routing_key,
+        origin = %header.origin,
+    );
+    async move {
+        if header.destination == inner.config.site_id {
+            destination(&inner, &header, send, recv, leftover).await;
+        } else {
+            transit(&inner, header, send, recv, leftover).await;
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn read_header(recv: &mut H2Recv) -> Result<(StreamHeader, Bytes), String> {
+    let mut buf = BytesMut::new();
+    let mut kind_checked = false;
+    loop {
+        if !kind_checked && !buf.is_empty() {
+            if StreamKind::from_byte(buf[0]) != Some(StreamKind::Connection) {
+                return Err(format!("unexpected stream kind {}", buf[0]));
+            }
+            let _ = buf.split_to(1);
+            kind_checked = true;
+        }
+        if kind_checked {
+            if let Some(header) = StreamHeader::decode(&mut buf).map_err(|e| e.to_string())? {
+                return Ok((header, buf.freeze()));
+            }
+        }
+        match recv.recv().await {
+            Ok(Some(chunk)) => buf.extend_from_slice(&chunk),
+            Ok(None) => return Err("stream ended before its header".into()),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+async fn send_result(send: &mut H2Send, result: ConnectResult) -> Result<(), String> {
+    let mut out = BytesMut::with_capacity(16 + result.detail.len());
+    result.encode(&mut out);
+    send.send(out.freeze()).await.map_err(|e| e.to_string())
+}
+
+async fn refuse(send: &mut H2Send, status: ConnectStatus, detail: String) {
+    tracing::debug!(?status, %detail, "refusing a carried connection");
+    if send_result(send, ConnectResult::failed(status, detail))
+        .await
+        .is_ok()
+    {
+        let _ = send.finish();
+    }
+}
+
+async fn destination(
+    inner: &Inner,
+    header: &StreamHeader,
+    mut send: H2Send,
+    recv: H2Recv,
+    leftover: Bytes,
+) {
+    if !inner.connectors().contains_key(&header.routing_key) {
+        let detail = format!(
+            "site {} does not serve {}",
+            inner.config.site_name, header.routing_key
+        );
+        return refuse(&mut send, ConnectStatus::NoTarget, detail).await;
+    }
+    match connect_local(inner, &header.routing_key).await {
+        Ok(server) => {
+            if send_result(&mut send, ConnectResult::ok()).await.is_err() {
+                splice::abort_tcp(server);
+                return;
+            }
+            tracing::debug!("connected to a local connector");
+            log_end(&splice::tcp_stream(server, send, recv, leftover).await);
+        }
+        Err(e) => refuse(&mut send, ConnectStatus::Refused, e).await,
+    }
+}
+
+async fn transit(
+    inner: &Inner,
+    mut header: StreamHeader,
+    mut send: H2Send,
+    recv: H2Recv,
+    leftover: Bytes,
+) {
+    if header.ttl == 0 {
+        return refuse(
+            &mut send,
+            ConnectStatus::Unreachable,
+            "hop limit reached".into(),
+        )
+        .await;
+    }
+    header.ttl -= 1;
+    let table = inner.table();
+    let Some(route) = table.routes.get(&header.destination) else {
+        let detail = format!(
+            "site {} has no route to {}",
+            inner.config.site_name, header.destination
+        );
+        return refuse(&mut send, ConnectStatus::Unreachable, detail).await;
+    };
+    let Some(transport) = inner.transport_to(route.next_hop) else {
+        let detail = format!(
+            "site {} lost its link to the next hop",
+            inner.config.site_name
+        );
+        return refuse(&mut send, ConnectStatus::Unreachable, detail).await;
+    };
+    let (mut next_send, next_recv) = match transport.open().await {
+        Ok(pair) => pair,
+        Err(e) => return refuse(&mut send, ConnectStatus::Unreachable, e.to_string()).await,
+    };
+    let mut out = BytesMut::with_capacity(64);
+    out.extend_from_slice(&[StreamKind::Connection.to_byte()]);
+    header.encode(&mut out);
+    if let Err(e) = next_send.send(out.freeze()).await {
+        return refuse(&mut send, ConnectStatus::Unreachable, e.to_string()).await;
+    }
+    tracing::debug!(next_hop = %table.name(route.next_hop), "relaying");
+    // The connect result and everything after it are just bytes to a transit router.
+    log_end(&splice::stream_stream((send, recv), (next_send, next_recv), leftover).await);
+}
+
+/// Counts a connection (attempt) to `site` for `key` while it lives, for the balanced strategy.
+struct OpenGuard<'a> {
+    inner: &'a Inner,
+    key: String,
+    site: Uuid,
+}
+
+impl<'a> OpenGuard<'a> {
+    fn new(inner: &'a Inner, key: &str, site: Uuid) -> Self {
+        *inner
+            .open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((key.to_string(), site))
+            .or_default() += 1;
+        OpenGuard {
+            inner,
+            key: key.to_string(),
+            site,
+        }
+    }
+}
+
+impl Drop for OpenGuard<'_> {
+    fn drop(&mut self) {
+        let mut open = self.inner.open.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (std::mem::take(&mut self.key), self.site);
+        if let Some(n) = open.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&key);
+            }
+        }
+    }
+}
+
+impl Inner {
+    /// Connections this site has open to `site` for `key`.
+    pub(crate) fn open_count(&self, key: &str, site: Uuid) -> u64 {
+        self.open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(key.to_string(), site))
+            .copied()
+            .unwrap_or(0)
+    }
+}

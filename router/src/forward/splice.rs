@@ -1,0 +1,203 @@
+//! Byte copying between a carried connection's two ends, with half-close and aborts preserved.
+//!
+//! Each direction runs until its source ends. A clean end (TCP FIN, stream finish) is passed on
+//! as a clean end and the other direction keeps going: half-close survives the trip. An abort
+//! (TCP RST or error, stream reset, dead link) ends *both* directions at once and is passed on as
+//! an abort: the stream is reset and the TCP socket is closed with RST (zero linger), so a
+//! broken connection never looks like a complete one.
+//!
+//! Memory per connection is bounded: one read buffer per direction, and the transport's flow
+//! control stops a sender whose reader is slow.
+
+use std::future::Future;
+use std::pin::pin;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::link::transport::{RecvStream, SendStream};
+
+/// Size of a read from a TCP socket.
+pub(crate) const READ_CHUNK: usize = 64 * 1024;
+
+/// How a carried connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum End {
+    /// Both directions ended cleanly.
+    Clean,
+    /// One side aborted (the reason says which); the other side was aborted too.
+    Aborted(String),
+}
+
+/// Bytes moved in each direction.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Moved {
+    /// From the TCP side (or the first stream) towards the other end.
+    pub(crate) up: u64,
+    /// Towards the TCP side (or the first stream).
+    pub(crate) down: u64,
+}
+
+/// Runs two directions; on the first failure stops both. Returns which failed, if any.
+async fn both<U, D>(up: U, down: D) -> Result<(), String>
+where
+    U: Future<Output = Result<(), String>>,
+    D: Future<Output = Result<(), String>>,
+{
+    let (mut up, mut down) = (pin!(up), pin!(down));
+    let (mut up_done, mut down_done) = (false, false);
+    while !(up_done && down_done) {
+        tokio::select! {
+            result = &mut up, if !up_done => { result?; up_done = true; }
+            result = &mut down, if !down_done => { result?; down_done = true; }
+        }
+    }
+    Ok(())
+}
+
+/// Carries bytes between a TCP connection and a link stream. `leftover` is data that arrived
+/// on the stream ahead of the splice (after its header) and goes to the TCP side first.
+pub(crate) async fn tcp_stream<S: SendStream, R: RecvStream>(
+    mut tcp: TcpStream,
+    mut send: S,
+    mut recv: R,
+    leftover: Bytes,
+) -> (End, Moved) {
+    let (mut up_n, mut down_n) = (0u64, 0u64);
+    let result = {
+        let (mut rd, mut wr) = tcp.split();
+        let up = async {
+            let mut buf = BytesMut::with_capacity(READ_CHUNK);
+            loop {
+                if buf.capacity() < READ_CHUNK / 4 {
+                    buf.reserve(READ_CHUNK);
+                }
+                match rd.read_buf(&mut buf).await {
+                    Ok(0) => return send.finish().map_err(|e| e.to_string()),
+                    Ok(n) => {
+                        up_n += n as u64;
+                        send.send(buf.split().freeze())
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    }
+                    Err(e) => return Err(format!("client side: {e}")),
+                }
+            }
+        };
+        let down = async {
+            if !leftover.is_empty() {
+                down_n += leftover.len() as u64;
+                wr.write_all(&leftover)
+                    .await
+                    .map_err(|e| format!("client side: {e}"))?;
+            }
+            loop {
+                match recv.recv().await {
+                    Ok(Some(chunk)) => {
+                        down_n += chunk.len() as u64;
+                        wr.write_all(&chunk)
+                            .await
+                            .map_err(|e| format!("client side: {e}"))?;
+                    }
+                    Ok(None) => {
+                        // A clean end from the far side is a FIN here; errors on shutdown mean
+                        // the client is gone, which the other direction will notice.
+                        let _ = wr.shutdown().await;
+                        return Ok(());
+                    }
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+        };
+        both(up, down).await
+    };
+    let moved = Moved {
+        up: up_n,
+        down: down_n,
+    };
+    match result {
+        Ok(()) => (End::Clean, moved),
+        Err(reason) => {
+            send.reset();
+            abort_tcp(tcp);
+            (End::Aborted(reason), moved)
+        }
+    }
+}
+
+/// Carries bytes between two link streams (a transit router).
+pub(crate) async fn stream_stream<S1, R1, S2, R2>(
+    (mut send_a, mut recv_a): (S1, R1),
+    (mut send_b, mut recv_b): (S2, R2),
+    leftover_to_b: Bytes,
+) -> (End, Moved)
+where
+    S1: SendStream,
+    R1: RecvStream,
+    S2: SendStream,
+    R2: RecvStream,
+{
+    let (mut up_n, mut down_n) = (0u64, 0u64);
+    let result = {
+        let up = async {
+            if !leftover_to_b.is_empty() {
+                up_n += leftover_to_b.len() as u64;
+                send_b
+                    .send(leftover_to_b.clone())
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            relay(&mut recv_a, &mut send_b, &mut up_n).await
+        };
+        let down = relay(&mut recv_b, &mut send_a, &mut down_n);
+        both(up, down).await
+    };
+    let moved = Moved {
+        up: up_n,
+        down: down_n,
+    };
+    match result {
+        Ok(()) => (End::Clean, moved),
+        Err(reason) => {
+            send_a.reset();
+            send_b.reset();
+            (End::Aborted(reason), moved)
+        }
+    }
+}
+
+async fn relay<R: RecvStream, S: SendStream>(
+    recv: &mut R,
+    send: &mut S,
+    count: &mut u64,
+) -> Result<(), String> {
+    loop {
+        match recv.recv().await {
+            Ok(Some(chunk)) => {
+                *count += chunk.len() as u64;
+                send.send(chunk).await.map_err(|e| e.to_string())?;
+            }
+            Ok(None) => return send.finish().map_err(|e| e.to_string()),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+/// Carries bytes between two TCP connections (a listener served by this site's own connector).
+pub(crate) async fn tcp_tcp(mut client: TcpStream, mut server: TcpStream) -> (End, Moved) {
+    match tokio::io::copy_bidirectional(&mut client, &mut server).await {
+        Ok((up, down)) => (End::Clean, Moved { up, down }),
+        Err(e) => {
+            abort_tcp(client);
+            abort_tcp(server);
+            (End::Aborted(e.to_string()), Moved::default())
+        }
+    }
+}
+
+/// Closes a TCP connection with RST instead of FIN.
+pub(crate) fn abort_tcp(tcp: TcpStream) {
+    let _ = tcp.set_zero_linger();
+    drop(tcp);
+}
