@@ -809,7 +809,10 @@ impl Site {
             .iter()
             .filter(|l| l.direction == Direction::Incoming && l.peer_site == id)
             .count();
-        self.router.close_site(id);
+        self.router.close_site(
+            id,
+            &format!("site {} revoked this site", self.core.config.name),
+        );
         tracing::warn!(site = %name, %id, "site revoked");
         admin::ok(&admin::Revoked {
             id,
@@ -979,12 +982,16 @@ async fn accept_links(site: Arc<Site>, listener: TcpListener, shutdown: Cancella
         let _ = tcp.set_nodelay(true);
         let (site, acceptor) = (site.clone(), acceptor.clone());
         tokio::spawn(async move {
-            let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
-            drop(permit);
-            let tls = match tls {
+            let handshake = acceptor.accept(tcp).into_fallible();
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
                 Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
+                Ok(Err((e, tcp))) => {
                     tracing::warn!(%from, error = %e, "TLS handshake on the link port failed");
+                    // In TLS 1.3 the client has finished its side before we judged its
+                    // certificate, and may already be writing. Closing with its bytes unread
+                    // would send a RST that can overtake our alert; draining first makes sure
+                    // the client reads *why* it was refused (say, "certificate revoked").
+                    drain(tcp).await;
                     return;
                 }
                 Err(_) => {
@@ -992,6 +999,7 @@ async fn accept_links(site: Arc<Site>, listener: TcpListener, shutdown: Cancella
                     return;
                 }
             };
+            drop(permit);
             match tls.get_ref().1.alpn_protocol() {
                 Some(p) if p == ALPN_LINK => site.router.accept(tls).await,
                 Some(p) if p == ALPN_CLAIM => site.serve_claim(tls).await,
@@ -999,6 +1007,24 @@ async fn accept_links(site: Arc<Site>, listener: TcpListener, shutdown: Cancella
             }
         });
     }
+}
+
+/// Closes our side of a refused connection and discards what the peer still sends, for at most
+/// a second, so the peer sees our alert and a clean close rather than a reset.
+async fn drain(mut tcp: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tcp.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let mut total = 0usize;
+        while total < 1 << 20 {
+            match tcp.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+    })
+    .await;
 }
 
 async fn serve_health(listener: TcpListener, shutdown: CancellationToken) {

@@ -199,6 +199,8 @@ pub(crate) struct Inner {
     pub(crate) next_connection: AtomicU64,
     /// Round-robin turn shared by all listeners.
     pub(crate) turn: AtomicU64,
+    /// Why links to a site are being closed, for the `Refuse` message the session sends.
+    pub(crate) closing: Mutex<HashMap<Uuid, String>>,
 }
 
 #[derive(Default)]
@@ -234,6 +236,7 @@ impl Router {
             next_session: AtomicU64::new(1),
             next_connection: AtomicU64::new(1),
             turn: AtomicU64::new(0),
+            closing: Mutex::new(HashMap::new()),
             config,
             hooks,
             links: Mutex::new(Links::default()),
@@ -361,11 +364,16 @@ impl Router {
         }
     }
 
-    /// Closes every link with `site` at once and forgets its incoming links (used on revocation;
-    /// the TLS layer refuses the site's next handshakes).
-    pub fn close_site(&self, site: Uuid) {
+    /// Closes the incoming links of `site` at once, telling it `reason`, and forgets them (used
+    /// on revocation; the TLS layer refuses the site's next handshakes).
+    pub fn close_site(&self, site: Uuid, reason: &str) {
         let closed = self.inner.update(|links| links.incoming.remove(&site));
         if let Some(link) = closed {
+            self.inner
+                .closing
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(site, reason.to_string());
             link.cancel.cancel();
         }
     }

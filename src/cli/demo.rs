@@ -1,12 +1,21 @@
 //! `skiff demo`: three sites (dev, stg, prod) in this process on loopback, linked
-//! dev → stg → prod with real tokens, real mutual TLS and real link ports.
+//! dev → stg → prod with real tokens, real mutual TLS and real link ports. stg and prod each run
+//! a small built-in web backend under the routing key `backend`; dev has a listener for it, so
+//! dev reaches prod through stg. The demo sends batches of connections through dev's listener,
+//! shows how they spread, stops prod, and shows the traffic moving to stg without a failure.
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, Result};
-use skiff_control::admin::{self, CreateLink, IssueToken, LinkView, TokenIssued};
+use anyhow::{bail, Context, Result};
+use skiff_control::admin::{
+    self, CreateConnector, CreateLink, CreateListener, IssueToken, LinkView, ListenerView,
+    NetworkView, TokenIssued,
+};
 use skiff_control::{InitOptions, Listeners, Store};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use super::output;
@@ -14,12 +23,16 @@ use super::output;
 /// Flags of `skiff demo`.
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {
-    /// Keep the network running (until Ctrl-C) and print how to inspect it.
+    /// Keep the network running (until Ctrl-C) and print the ports to try with curl.
     #[arg(long)]
     keep: bool,
+    /// Connections per batch.
+    #[arg(long, default_value_t = 100, value_name = "N")]
+    connections: usize,
 }
 
 const SITES: [&str; 3] = ["dev", "stg", "prod"];
+const KEY: &str = "backend";
 
 pub async fn run(args: DemoArgs) -> Result<()> {
     let root = std::env::temp_dir().join(format!("skiff-demo-{}", std::process::id()));
@@ -31,9 +44,23 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     result
 }
 
-async fn demo(root: &std::path::Path, args: &DemoArgs, shutdown: &CancellationToken) -> Result<()> {
+struct Demo {
+    dirs: Vec<PathBuf>,
+    sites: Vec<CancellationToken>,
+}
+
+impl Demo {
+    fn client(&self, site: usize) -> admin::Client {
+        admin::Client::new(&self.dirs[site])
+    }
+}
+
+async fn demo(root: &Path, args: &DemoArgs, shutdown: &CancellationToken) -> Result<()> {
     println!("starting sites {} on loopback...", SITES.join(", "));
-    let mut dirs: Vec<PathBuf> = Vec::new();
+    let mut demo = Demo {
+        dirs: Vec::new(),
+        sites: Vec::new(),
+    };
     for name in SITES {
         let dir = root.join(name);
         let store = Store::new(&dir);
@@ -47,8 +74,9 @@ async fn demo(root: &std::path::Path, args: &DemoArgs, shutdown: &CancellationTo
                 cert_lifetime: Duration::from_secs(3600),
             },
         )?;
-        let link = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let link = TcpListener::bind("127.0.0.1:0").await?;
         let admin = admin::bind(&store.admin_socket())?;
+        let site = shutdown.child_token();
         tokio::spawn(skiff_control::site::run(
             store,
             Listeners {
@@ -56,14 +84,15 @@ async fn demo(root: &std::path::Path, args: &DemoArgs, shutdown: &CancellationTo
                 admin,
                 metrics: None,
             },
-            shutdown.child_token(),
+            site.clone(),
         ));
-        dirs.push(dir);
+        demo.dirs.push(dir);
+        demo.sites.push(site);
     }
-    let client = |i: usize| admin::Client::new(&dirs[i]);
 
     for (from, to) in [(0, 1), (1, 2)] {
-        let issued: TokenIssued = client(to)
+        let issued: TokenIssued = demo
+            .client(to)
             .post(
                 "/v1/tokens",
                 &IssueToken {
@@ -74,7 +103,8 @@ async fn demo(root: &std::path::Path, args: &DemoArgs, shutdown: &CancellationTo
             )
             .await
             .with_context(|| format!("{} could not issue a token", SITES[to]))?;
-        let link: LinkView = client(from)
+        let link: LinkView = demo
+            .client(from)
             .post(
                 "/v1/links",
                 &CreateLink {
@@ -91,28 +121,175 @@ async fn demo(root: &std::path::Path, args: &DemoArgs, shutdown: &CancellationTo
             SITES[from], SITES[to], issued.grant, link.state
         );
     }
-    // Let a few heartbeats pass so every link shows a measured RTT.
-    tokio::time::sleep(Duration::from_millis(700)).await;
 
-    let mut all_up = true;
-    for (i, name) in SITES.iter().enumerate() {
-        let links: Vec<LinkView> = client(i).get("/v1/links").await?;
-        all_up &= links.iter().all(|l| l.state == "up");
-        println!("\nsite {name}:");
+    for site in [1, 2] {
+        let port = backend(SITES[site], shutdown.clone()).await?;
+        let _: admin::ConnectorView = demo
+            .client(site)
+            .post(
+                "/v1/connectors",
+                &CreateConnector {
+                    name: None,
+                    routing_key: KEY.into(),
+                    host: "127.0.0.1".into(),
+                    port,
+                    weight: None,
+                },
+            )
+            .await?;
+        println!(
+            "{}: built-in backend on 127.0.0.1:{port}, connector `{KEY}`",
+            SITES[site]
+        );
+    }
+    let listener: ListenerView = demo
+        .client(0)
+        .post(
+            "/v1/listeners",
+            &CreateListener {
+                name: None,
+                routing_key: KEY.into(),
+                port: 0,
+                bind: Some("127.0.0.1".into()),
+                strategy: None,
+            },
+        )
+        .await?;
+    let port = listener.port;
+    println!("dev: listener `{KEY}` on 127.0.0.1:{port}");
+    wait_for_targets(&demo, 2).await?;
+
+    println!(
+        "\nbatch 1: {} concurrent connections to dev's listener",
+        args.connections
+    );
+    let (spread, failed) = batch(port, args.connections).await;
+    print_spread(&spread, failed);
+    if failed > 0 {
+        bail!("{failed} connections failed with every site up");
+    }
+
+    println!("\nstopping prod...");
+    demo.sites[2].cancel();
+    // Heartbeats notice a dead peer within a second; give it that plus a little.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    println!(
+        "batch 2: {} concurrent connections, 1.5 s after prod stopped",
+        args.connections
+    );
+    let (spread, failed) = batch(port, args.connections).await;
+    print_spread(&spread, failed);
+    if failed > 0 {
+        bail!("{failed} connections failed after failover");
+    }
+
+    let network: NetworkView = demo.client(0).get("/v1/network").await?;
+    println!("\nthe network as dev sees it:\n");
+    print!("{}", super::service::network_table(&network));
+    for (i, name) in SITES.iter().enumerate().take(2) {
+        let links: Vec<LinkView> = demo.client(i).get("/v1/links").await?;
+        println!("\nlinks of {name}:");
         print!("{}", output::link_table(&links));
     }
-    anyhow::ensure!(all_up, "some links are not up");
 
     if args.keep {
-        println!("\nthe demo network keeps running; inspect it with e.g.:");
-        for (i, name) in SITES.iter().enumerate() {
+        println!("\nthe demo network keeps running (prod stays stopped). Try:");
+        println!("  curl http://127.0.0.1:{port}/");
+        for (i, name) in SITES.iter().enumerate().take(2) {
             println!(
-                "  skiff --state-dir {} status    # {name}",
-                dirs[i].display()
+                "  skiff --state-dir {} network status    # {name}",
+                demo.dirs[i].display()
             );
         }
         println!("press Ctrl-C to stop");
         super::shutdown_on_signals()?.cancelled().await;
     }
     Ok(())
+}
+
+async fn wait_for_targets(demo: &Demo, want: usize) -> Result<()> {
+    for _ in 0..100 {
+        let listeners: Vec<ListenerView> = demo.client(0).get("/v1/listeners").await?;
+        if listeners.iter().any(|l| l.targets.len() >= want) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("dev never learned of {want} sites serving {KEY}")
+}
+
+/// Sends `n` concurrent HTTP requests through the listener; returns replies per site and the
+/// number of failed connections.
+async fn batch(port: u16, n: usize) -> (BTreeMap<String, usize>, usize) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        tasks.spawn(async move {
+            let mut tcp = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+            tcp.write_all(b"GET / HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n")
+                .await
+                .ok()?;
+            let mut reply = String::new();
+            tcp.read_to_string(&mut reply).await.ok()?;
+            let body = reply.split("\r\n\r\n").nth(1)?;
+            body.trim().strip_prefix("hello from ").map(str::to_string)
+        });
+    }
+    let mut spread = BTreeMap::new();
+    let mut failed = 0;
+    while let Some(result) = tasks.join_next().await {
+        match result.ok().flatten() {
+            Some(site) => *spread.entry(site).or_insert(0) += 1,
+            None => failed += 1,
+        }
+    }
+    (spread, failed)
+}
+
+fn print_spread(spread: &BTreeMap<String, usize>, failed: usize) {
+    let total: usize = spread.values().sum::<usize>() + failed;
+    for (site, n) in spread {
+        println!("  {site:<5} {n:>4}  {}", "#".repeat(n * 40 / total.max(1)));
+    }
+    println!("  failed {failed:>3}");
+}
+
+/// A tiny web server answering `hello from SITE` after a short pause (so the connections of a
+/// batch overlap and the balanced strategy has open connections to weigh).
+async fn backend(site: &'static str, shutdown: CancellationToken) -> Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    tokio::spawn(async move {
+        loop {
+            let (mut tcp, _) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(pair) => pair,
+                    Err(_) => continue,
+                },
+                _ = shutdown.cancelled() => return,
+            };
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                    if request.len() > 16 * 1024 {
+                        return;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let body = format!("hello from {site}\n");
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
+                     Connection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = tcp.write_all(reply.as_bytes()).await;
+                let _ = tcp.shutdown().await;
+            });
+        }
+    });
+    Ok(port)
 }

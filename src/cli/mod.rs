@@ -67,6 +67,8 @@ pub enum Command {
 pub fn init_logging(args: &Args) {
     let default = match &args.command {
         Command::Site(site::SiteCommand::Run) => "info",
+        // The demo stops a site on purpose; its peers' reconnect warnings are expected noise.
+        Command::Demo(_) => "error",
         _ => "warn",
     };
     let filter = std::env::var("RUST_LOG")

@@ -156,6 +156,27 @@ impl Site {
         self.daemon.as_ref().expect("site is not running").id()
     }
 
+    /// Whether the daemon process is alive, for failure reports (a dead child not yet waited
+    /// for is a zombie).
+    pub fn daemon_state(&self) -> String {
+        let Some(child) = &self.daemon else {
+            return "daemon not started".into();
+        };
+        let pid = child.id();
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Ok(stat)
+                if stat
+                    .rsplit(')')
+                    .next()
+                    .is_some_and(|r| r.trim_start().starts_with('Z')) =>
+            {
+                format!("daemon pid {pid} has EXITED")
+            }
+            Ok(_) => format!("daemon pid {pid} running"),
+            Err(_) => format!("daemon pid {pid} state unknown"),
+        }
+    }
+
     /// Stops the daemon gracefully (SIGTERM) and waits for it to exit successfully.
     pub fn stop(&mut self) {
         let mut child = self.daemon.take().expect("site is not running");
@@ -427,8 +448,9 @@ pub fn report(sites: &[&Site]) -> String {
         let lines: Vec<&str> = logs.lines().collect();
         let tail = lines[lines.len().saturating_sub(60)..].join("\n");
         text.push_str(&format!(
-            "--- site {} links ---\n{}\n--- site {} log (last 60 lines) ---\n{tail}\n",
+            "--- site {} ({}) links ---\n{}\n--- site {} log (last 60 lines) ---\n{tail}\n",
             site.name,
+            site.daemon_state(),
             links.trim(),
             site.name
         ));

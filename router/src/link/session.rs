@@ -79,7 +79,24 @@ pub(crate) async fn run(
             }
         };
         tokio::select! {
-            _ = cancel.cancelled() => break "link closed locally".to_string(),
+            _ = cancel.cancelled() => {
+                // Tell the peer why, so its link status says more than "connection lost".
+                let reason = inner
+                    .closing
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&peer)
+                    .unwrap_or_else(|| {
+                        if inner.shutdown.is_cancelled() {
+                            format!("site {} is shutting down", config.site_name)
+                        } else {
+                            format!("site {} closed the link", config.site_name)
+                        }
+                    });
+                let refuse = Message::Refuse { reason: reason.clone() };
+                let _ = tokio::time::timeout(Duration::from_millis(200), control.send(&refuse)).await;
+                break format!("closed here: {reason}");
+            }
             _ = transport.closed() => break "connection lost".to_string(),
             _ = heartbeat.tick() => {
                 if last_heard.elapsed() > config.dead_after {
