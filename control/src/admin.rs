@@ -68,6 +68,8 @@ pub struct SiteView {
     pub link_endpoints: Vec<String>,
     /// The port the daemon actually listens on for links.
     pub link_port: u16,
+    /// The UDP port QUIC links are served on, if any.
+    pub quic_port: Option<u16>,
 }
 
 /// One link.
@@ -94,6 +96,8 @@ pub struct LinkView {
     pub last_error: Option<String>,
     /// Expiry of the client certificate of an outgoing link (RFC 3339).
     pub cert_expires: Option<String>,
+    /// `quic` or `tls` while the link is up.
+    pub transport: Option<String>,
 }
 
 /// Body of `POST /v1/links`.
@@ -108,6 +112,9 @@ pub struct CreateLink {
     pub cost: Option<u32>,
     /// How long to wait for the link to come up, in seconds (default 30).
     pub wait_secs: Option<u64>,
+    /// Transport: `auto` (default), `quic` or `tls`.
+    #[serde(default)]
+    pub transport: Option<String>,
 }
 
 /// Body of `POST /v1/tokens`.

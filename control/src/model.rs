@@ -23,8 +23,11 @@ pub struct SiteConfig {
     /// Host names or addresses other sites use to reach the link port (server cert SANs and
     /// token endpoints, in this order).
     pub link_hosts: Vec<String>,
-    /// The link port.
+    /// The link port (TCP).
     pub link_port: u16,
+    /// The UDP port QUIC links are served on; `None` when QUIC is off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quic_port: Option<u16>,
     /// Where to serve `/metrics`, `/healthz` and `/readyz`, if anywhere.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_addr: Option<String>,
@@ -40,17 +43,30 @@ impl SiteConfig {
 
     /// `host:port` of each link host.
     pub fn endpoints(&self) -> Vec<String> {
-        self.link_hosts
-            .iter()
-            .map(|h| {
-                if h.contains(':') {
-                    format!("[{h}]:{}", self.link_port)
-                } else {
-                    format!("{h}:{}", self.link_port)
-                }
-            })
-            .collect()
+        host_ports(&self.link_hosts, self.link_port)
     }
+
+    /// `host:port` of each link host on the QUIC port (empty when QUIC is off).
+    pub fn quic_endpoints(&self) -> Vec<String> {
+        match self.quic_port {
+            Some(port) => host_ports(&self.link_hosts, port),
+            None => Vec::new(),
+        }
+    }
+}
+
+/// `host:port` for each host, bracketing IPv6 addresses.
+pub fn host_ports(hosts: &[String], port: u16) -> Vec<String> {
+    hosts
+        .iter()
+        .map(|h| {
+            if h.contains(':') {
+                format!("[{h}]:{port}")
+            } else {
+                format!("{h}:{port}")
+            }
+        })
+        .collect()
 }
 
 /// Everything about a site that changes while it runs (file `state.json`).
@@ -153,6 +169,16 @@ pub struct LinkRecord {
     pub peer_ca: String,
     /// Routing cost.
     pub cost: u32,
+    /// The peer's QUIC endpoints (`host:port`, UDP), if it serves QUIC.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quic_endpoints: Vec<String>,
+    /// Transport choice: `auto`, `quic` or `tls`.
+    #[serde(default = "default_transport")]
+    pub transport: String,
+}
+
+fn default_transport() -> String {
+    "auto".into()
 }
 
 /// A site that linked to this one by redeeming a grant.
@@ -239,6 +265,7 @@ mod tests {
             id: Uuid::nil(),
             link_hosts: vec!["example.com".into(), "::1".into()],
             link_port: 1,
+            quic_port: None,
             metrics_addr: None,
             cert_lifetime_secs: 1,
         };

@@ -14,7 +14,8 @@ use std::time::{Duration, SystemTime};
 use hyper::{Method, StatusCode};
 use skiff_certs::{Authority, CertifiedKey, Revocations};
 use skiff_router::{
-    ConnectorConfig, Direction, LinkState, LinkStatus, ListenerConfig, Router, Strategy, ALPN_LINK,
+    ConnectorConfig, Direction, LinkState, LinkStatus, ListenerConfig, Router, Strategy,
+    TransportChoice, ALPN_LINK,
 };
 use subtle::ConstantTimeEq;
 use tokio::net::{TcpListener, UnixListener};
@@ -47,6 +48,8 @@ pub struct InitOptions {
     pub link_hosts: Vec<String>,
     /// Link port.
     pub link_port: u16,
+    /// UDP port for QUIC links (`None`: no QUIC).
+    pub quic_port: Option<u16>,
     /// Metrics address.
     pub metrics_addr: Option<String>,
     /// Lifetime of the client certificates this site issues.
@@ -82,6 +85,7 @@ pub fn init(store: &Store, options: InitOptions) -> Result<SiteConfig, Error> {
         id: Uuid::new_v4(),
         link_hosts,
         link_port: options.link_port,
+        quic_port: options.quic_port,
         metrics_addr: options.metrics_addr,
         cert_lifetime_secs: options.cert_lifetime.as_secs(),
     };
@@ -103,6 +107,8 @@ pub struct Listeners {
     pub admin: UnixListener,
     /// The metrics/health address, if any.
     pub metrics: Option<TcpListener>,
+    /// The UDP socket for QUIC links, if the site serves QUIC.
+    pub quic: Option<std::net::UdpSocket>,
 }
 
 /// The parts of a site the router's hooks need (no router inside, so no cycle).
@@ -119,6 +125,8 @@ pub struct Site {
     core: Arc<Core>,
     router: Router,
     link_port: u16,
+    /// The UDP port QUIC links are served on, if any.
+    quic_port: Option<u16>,
     server_tls: Arc<rustls::ServerConfig>,
     /// Listeners that could not be bound at start (name → why).
     listener_errors: Mutex<std::collections::HashMap<String, String>>,
@@ -127,15 +135,16 @@ pub struct Site {
 /// Runs the site daemon in `store` until `shutdown` fires.
 pub async fn run(
     store: Store,
-    listeners: Listeners,
+    mut listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    let site = Arc::new(Site::load(store, &listeners, shutdown.child_token())?);
+    let site = Arc::new(Site::load(store, &mut listeners, shutdown.child_token())?);
     site.start_listeners().await;
     tracing::info!(
         site = %site.core.config.name,
         id = %site.core.config.id,
         link_port = site.link_port,
+        quic_port = site.quic_port,
         "site running"
     );
     let mut tasks = tokio::task::JoinSet::new();
@@ -163,7 +172,7 @@ pub async fn run(
 impl Site {
     fn load(
         store: Store,
-        listeners: &Listeners,
+        listeners: &mut Listeners,
         shutdown: CancellationToken,
     ) -> Result<Self, Error> {
         let config = store.load_config()?;
@@ -195,6 +204,22 @@ impl Site {
             core.clone(),
             shutdown,
         );
+        let quic_port = match listeners.quic.take() {
+            Some(socket) => {
+                // QUIC carries links only (redemption stays on TCP), so only that ALPN.
+                let tls = skiff_certs::server_config(
+                    core.authority.cert_pem(),
+                    &server,
+                    core.revocations.clone(),
+                    &[ALPN_LINK],
+                )?;
+                let addr = router
+                    .serve_quic(socket, tls)
+                    .map_err(|e| Error::Invalid(format!("cannot serve QUIC links: {e}")))?;
+                Some(addr.port())
+            }
+            None => None,
+        };
         for record in links {
             match core.link_cert(&record.name) {
                 Ok(cert) => router.add_link(outgoing(&record, cert)),
@@ -205,6 +230,7 @@ impl Site {
             core,
             router,
             link_port,
+            quic_port,
             server_tls,
             listener_errors: Mutex::new(Default::default()),
         };
@@ -545,6 +571,7 @@ impl Site {
                 version: skiff_router::VERSION.into(),
                 link_endpoints: self.endpoints(),
                 link_port: self.link_port,
+                quic_port: self.quic_port,
             },
             links: self.link_views(),
             active_grants: state
@@ -557,9 +584,14 @@ impl Site {
     }
 
     fn endpoints(&self) -> Vec<String> {
-        let mut config = self.core.config.clone();
-        config.link_port = self.link_port;
-        config.endpoints()
+        model::host_ports(&self.core.config.link_hosts, self.link_port)
+    }
+
+    fn quic_endpoints(&self) -> Vec<String> {
+        match self.quic_port {
+            Some(port) => model::host_ports(&self.core.config.link_hosts, port),
+            None => Vec::new(),
+        }
     }
 
     fn link_views(&self) -> Vec<admin::LinkView> {
@@ -597,6 +629,7 @@ impl Site {
             },
             spec: TokenSpec {
                 endpoints: self.endpoints(),
+                quic_endpoints: self.quic_endpoints(),
                 code: Secret(code),
                 ca: self.core.authority.cert_pem().to_string(),
                 cost: req.cost,
@@ -651,6 +684,22 @@ impl Site {
         if let Err(e) = model::check_name("link", &name) {
             return bad(e.to_string());
         }
+        let transport = req.transport.clone().unwrap_or_else(|| "auto".into());
+        match TransportChoice::parse(&transport) {
+            None => {
+                return bad(format!(
+                    "unknown transport {transport:?}: use auto, quic or tls"
+                ))
+            }
+            Some(TransportChoice::Quic) if token.spec.quic_endpoints.is_empty() => {
+                return bad(format!(
+                    "site {} does not serve QUIC links (its token lists no QUIC endpoint); \
+                     use --transport tls or auto",
+                    issuer.name
+                ))
+            }
+            Some(_) => {}
+        }
         if self.core.lock().links.iter().any(|l| l.name == name) {
             return admin::error(
                 StatusCode::CONFLICT,
@@ -687,6 +736,8 @@ impl Site {
             endpoints: token.spec.endpoints.clone(),
             peer_ca: token.spec.ca.clone(),
             cost: req.cost.unwrap_or(token.spec.cost),
+            quic_endpoints: token.spec.quic_endpoints.clone(),
+            transport,
         };
         let saved = self.core.save_link_cert(&name, &cert).and_then(|()| {
             self.core.change(|state| {
@@ -1097,6 +1148,8 @@ fn outgoing(record: &LinkRecord, cert: CertifiedKey) -> skiff_router::OutgoingLi
         peer_ca_pem: record.peer_ca.clone(),
         cert,
         cost: record.cost,
+        quic_endpoints: record.quic_endpoints.clone(),
+        transport: TransportChoice::parse(&record.transport).unwrap_or_default(),
     }
 }
 
@@ -1131,6 +1184,7 @@ fn link_view(status: &LinkStatus) -> admin::LinkView {
         cert_expires: status
             .cert_expires
             .map(|t: SystemTime| humantime::format_rfc3339_seconds(t).to_string()),
+        transport: status.transport.map(|t| t.as_str().to_string()),
     }
 }
 

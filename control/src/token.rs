@@ -58,8 +58,13 @@ pub struct Metadata {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TokenSpec {
-    /// Redemption endpoints (`host:port` of the issuer's link port), tried in order.
+    /// Redemption and TLS link endpoints (`host:port` of the issuer's TCP link port), tried in
+    /// order.
     pub endpoints: Vec<String>,
+    /// QUIC link endpoints (`host:port`, UDP); empty if the issuer does not serve QUIC.
+    /// Redemption always uses the TCP endpoints.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quic_endpoints: Vec<String>,
     /// The one-time redemption code.
     pub code: Secret,
     /// The issuer's CA certificate (PEM).
@@ -187,6 +192,7 @@ mod tests {
             },
             spec: TokenSpec {
                 endpoints: vec!["127.0.0.1:55671".into()],
+                quic_endpoints: vec!["127.0.0.1:55671".into()],
                 code: Secret("ab".repeat(20)),
                 ca: ca.cert_pem().to_string(),
                 cost: 3,

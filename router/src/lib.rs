@@ -31,6 +31,7 @@ use uuid::Uuid;
 
 pub use forward::{ConnectorConfig, ListenerConfig};
 pub use link::transport::StreamError;
+pub use link::{TransportChoice, TransportKind};
 pub use proto::balance::Strategy;
 pub use proto::routing::{Advertisement, Table};
 
@@ -105,6 +106,10 @@ pub struct OutgoingLink {
     pub cert: CertifiedKey,
     /// The link's cost for routing.
     pub cost: u32,
+    /// `host:port` QUIC (UDP) endpoints of the peer, tried in order; empty if it has none.
+    pub quic_endpoints: Vec<String>,
+    /// Which transport to use.
+    pub transport: TransportChoice,
 }
 
 /// Who opened a link.
@@ -163,6 +168,8 @@ pub struct LinkStatus {
     pub cert_expires: Option<SystemTime>,
     /// How many times the link came up.
     pub connects: u64,
+    /// The transport carrying the link while it is up.
+    pub transport: Option<TransportKind>,
 }
 
 /// The handle to a site's router. Cheap to clone.
@@ -201,6 +208,9 @@ pub(crate) struct Inner {
     pub(crate) turn: AtomicU64,
     /// Why links to a site are being closed, for the `Refuse` message the session sends.
     pub(crate) closing: Mutex<HashMap<Uuid, String>>,
+    /// The QUIC endpoint links are served on and dialed from (made on first use if this site
+    /// does not serve QUIC).
+    pub(crate) quic: Mutex<Option<quinn::Endpoint>>,
 }
 
 #[derive(Default)]
@@ -237,6 +247,7 @@ impl Router {
             next_connection: AtomicU64::new(1),
             turn: AtomicU64::new(0),
             closing: Mutex::new(HashMap::new()),
+            quic: Mutex::new(None),
             config,
             hooks,
             links: Mutex::new(Links::default()),
@@ -337,6 +348,7 @@ impl Router {
             last_error: None,
             cert_expires: link.cert.not_after().ok(),
             connects: 0,
+            transport: None,
         };
         let previous = self.inner.update(|links| {
             links.outgoing.insert(
@@ -376,6 +388,20 @@ impl Router {
                 .insert(site, reason.to_string());
             link.cancel.cancel();
         }
+    }
+
+    /// Serves QUIC links on `socket` (the UDP link port) with the site's TLS server config,
+    /// until the router shuts down. The same endpoint dials this site's QUIC links.
+    pub fn serve_quic(
+        &self,
+        socket: std::net::UdpSocket,
+        tls: Arc<rustls::ServerConfig>,
+    ) -> std::io::Result<std::net::SocketAddr> {
+        let endpoint = link::quic::server_endpoint(socket, tls)?;
+        let addr = endpoint.local_addr()?;
+        *self.inner.quic.lock().unwrap_or_else(|e| e.into_inner()) = Some(endpoint.clone());
+        tokio::spawn(link::accept::serve_quic(self.inner.clone(), endpoint));
+        Ok(addr)
     }
 
     /// Hands an accepted TLS connection (ALPN [`ALPN_LINK`]) to the router. Returns when the link
@@ -463,6 +489,17 @@ impl Inner {
         let result = f(&mut self.lock());
         self.changed.send_modify(|n| *n = n.wrapping_add(1));
         result
+    }
+
+    /// The QUIC endpoint to dial from.
+    pub(crate) fn quic_endpoint(&self) -> std::io::Result<quinn::Endpoint> {
+        let mut quic = self.quic.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(endpoint) = quic.as_ref() {
+            return Ok(endpoint.clone());
+        }
+        let endpoint = link::quic::client_endpoint()?;
+        *quic = Some(endpoint.clone());
+        Ok(endpoint)
     }
 
     pub(crate) fn connectors(&self) -> Connectors {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use uuid::Uuid;
 
-use crate::link::tls::TlsTransport;
+use crate::link::LinkTransport;
 use crate::proto::routing::{AdvertisedLink, AdvertisedService, Advertisement, Lsdb, Table};
 use crate::Inner;
 
@@ -44,13 +44,13 @@ impl Routing {
 /// A link that is up, as the forwarding code uses it.
 pub(crate) struct Live {
     pub(crate) session: u64,
-    pub(crate) transport: Arc<TlsTransport>,
+    pub(crate) transport: Arc<LinkTransport>,
     pub(crate) cost: u32,
 }
 
 impl Inner {
     /// Registers a link that came up; returns its session number for [`Inner::link_down`].
-    pub(crate) fn link_up(&self, peer: Uuid, cost: u32, transport: Arc<TlsTransport>) -> u64 {
+    pub(crate) fn link_up(&self, peer: Uuid, cost: u32, transport: Arc<LinkTransport>) -> u64 {
         let session = self.next_session.fetch_add(1, Ordering::Relaxed);
         self.live_links().insert(
             peer,
@@ -83,7 +83,7 @@ impl Inner {
     }
 
     /// The transport of the live link to neighbour `peer`.
-    pub(crate) fn transport_to(&self, peer: Uuid) -> Option<Arc<TlsTransport>> {
+    pub(crate) fn transport_to(&self, peer: Uuid) -> Option<Arc<LinkTransport>> {
         self.live_links().get(&peer).map(|l| l.transport.clone())
     }
 

@@ -70,12 +70,14 @@ async fn demo(root: &Path, args: &DemoArgs, shutdown: &CancellationToken) -> Res
                 name: name.into(),
                 link_hosts: vec!["127.0.0.1".into()],
                 link_port: 0,
+                quic_port: Some(0),
                 metrics_addr: None,
                 cert_lifetime: Duration::from_secs(3600),
             },
         )?;
         let link = TcpListener::bind("127.0.0.1:0").await?;
         let admin = admin::bind(&store.admin_socket())?;
+        let quic = std::net::UdpSocket::bind("127.0.0.1:0")?;
         let site = shutdown.child_token();
         tokio::spawn(skiff_control::site::run(
             store,
@@ -83,6 +85,7 @@ async fn demo(root: &Path, args: &DemoArgs, shutdown: &CancellationToken) -> Res
                 link,
                 admin,
                 metrics: None,
+                quic: Some(quic),
             },
             site.clone(),
         ));
@@ -112,6 +115,7 @@ async fn demo(root: &Path, args: &DemoArgs, shutdown: &CancellationToken) -> Res
                     name: None,
                     cost: None,
                     wait_secs: Some(10),
+                    transport: None,
                 },
             )
             .await

@@ -22,6 +22,9 @@ pub enum LinkCommand {
         /// Routing cost (default: the token's).
         #[arg(long, value_name = "N")]
         cost: Option<u32>,
+        /// Link transport: `auto` tries QUIC first and falls back to TLS within 3 s.
+        #[arg(long, default_value = "auto", value_parser = ["auto", "quic", "tls"])]
+        transport: String,
         /// How long to wait for the link to come up.
         #[arg(long, value_parser = super::parse_duration, default_value = "30s", value_name = "DURATION")]
         wait: Duration,
@@ -53,6 +56,7 @@ pub async fn run(command: LinkCommand, dir: &Path) -> Result<()> {
             token_file,
             name,
             cost,
+            transport,
             wait,
         } => {
             let token = std::fs::read_to_string(&token_file)
@@ -66,14 +70,19 @@ pub async fn run(command: LinkCommand, dir: &Path) -> Result<()> {
                         name,
                         cost,
                         wait_secs: Some(wait.as_secs().max(1)),
+                        transport: Some(transport),
                     },
                 )
                 .await?;
             println!(
-                "link {} to site {} is {}{}",
+                "link {} to site {} is {}{}{}",
                 link.name,
                 link.peer_site,
                 link.state,
+                link.transport
+                    .as_deref()
+                    .map(|t| format!(" over {t}"))
+                    .unwrap_or_default(),
                 link.rtt_ms
                     .map(|ms| format!(" (rtt {ms:.2} ms)"))
                     .unwrap_or_default()

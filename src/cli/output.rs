@@ -64,6 +64,7 @@ pub fn link_table(links: &[skiff_control::admin::LinkView]) -> String {
         "DIRECTION",
         "PEER",
         "STATE",
+        "TRANSPORT",
         "RTT",
         "COST",
         "SINCE",
@@ -77,6 +78,7 @@ pub fn link_table(links: &[skiff_control::admin::LinkView]) -> String {
             link.direction.clone(),
             link.peer_site.clone(),
             link.state.clone(),
+            link.transport.clone().unwrap_or_else(|| "-".into()),
             link.rtt_ms
                 .map(|ms| format!("{ms:.2}ms"))
                 .unwrap_or_else(|| "-".into()),

@@ -26,6 +26,12 @@ pub enum SiteCommand {
         /// The link port (TCP).
         #[arg(long, default_value_t = DEFAULT_LINK_PORT, value_name = "PORT")]
         link_port: u16,
+        /// The UDP port for QUIC links (default: the link port number).
+        #[arg(long, value_name = "PORT", conflicts_with = "no_quic")]
+        quic_port: Option<u16>,
+        /// Do not serve QUIC links (other sites then link over TLS only).
+        #[arg(long)]
+        no_quic: bool,
         /// Serve /healthz and /readyz (and later /metrics) on this address.
         #[arg(long, value_name = "ADDR:PORT")]
         metrics_addr: Option<SocketAddr>,
@@ -44,6 +50,8 @@ pub async fn run(command: SiteCommand, dir: &Path) -> Result<()> {
             name,
             link_hosts,
             link_port,
+            quic_port,
+            no_quic,
             metrics_addr,
             cert_lifetime,
         } => {
@@ -55,6 +63,11 @@ pub async fn run(command: SiteCommand, dir: &Path) -> Result<()> {
                     name,
                     link_hosts,
                     link_port,
+                    quic_port: if no_quic {
+                        None
+                    } else {
+                        Some(quic_port.unwrap_or(link_port))
+                    },
                     metrics_addr: metrics_addr.map(|a| a.to_string()),
                     cert_lifetime,
                 },
@@ -65,7 +78,13 @@ pub async fn run(command: SiteCommand, dir: &Path) -> Result<()> {
                 config.id,
                 dir.display()
             );
-            println!("link endpoints: {}", config.endpoints().join(", "));
+            println!("link endpoints: {} (TCP)", config.endpoints().join(", "));
+            if config.quic_port.is_some() {
+                println!(
+                    "QUIC endpoints: {} (UDP)",
+                    config.quic_endpoints().join(", ")
+                );
+            }
             if no_hosts {
                 println!(
                     "note: tokens point at 127.0.0.1 and only work from this machine; \
@@ -103,6 +122,17 @@ async fn run_daemon(dir: &Path) -> Result<()> {
         ),
         None => None,
     };
+    let quic = match config.quic_port {
+        Some(port) => Some(
+            std::net::UdpSocket::bind(("0.0.0.0", port)).with_context(|| {
+                format!(
+                    "cannot listen on UDP port {port} for QUIC links (is another program using \
+                 it? pick another with site init --quic-port, or --no-quic)"
+                )
+            })?,
+        ),
+        None => None,
+    };
     let admin = admin::bind(&store.admin_socket())
         .with_context(|| format!("cannot open {}", store.admin_socket().display()))?;
     let shutdown = super::shutdown_on_signals()?;
@@ -112,6 +142,7 @@ async fn run_daemon(dir: &Path) -> Result<()> {
             link,
             admin,
             metrics,
+            quic,
         },
         shutdown,
     )

@@ -24,8 +24,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::link::tls::{H2Recv, H2Send};
 use crate::link::transport::{RecvStream, SendStream, Transport};
+use crate::link::{AnyRecv, AnySend};
 use crate::proto::balance::{self, Candidate, Strategy};
 use crate::proto::stream::{ConnectResult, ConnectStatus, StreamHeader, DEFAULT_TTL};
 use crate::proto::StreamKind;
@@ -176,7 +176,7 @@ async fn open_remote(
     inner: &Inner,
     next_hop: Uuid,
     header: &StreamHeader,
-) -> Result<(H2Send, H2Recv, Bytes), String> {
+) -> Result<(AnySend, AnyRecv, Bytes), String> {
     let transport = inner
         .transport_to(next_hop)
         .ok_or("no live link to the next hop")?;
@@ -241,7 +241,7 @@ async fn connect_local(inner: &Inner, key: &str) -> Result<TcpStream, String> {
 }
 
 /// Serves a stream a neighbour opened on a link.
-pub(crate) async fn serve_stream(inner: Arc<Inner>, mut send: H2Send, mut recv: H2Recv) {
+pub(crate) async fn serve_stream(inner: Arc<Inner>, mut send: AnySend, mut recv: AnyRecv) {
     let read = tokio::time::timeout(HEADER_TIMEOUT, read_header(&mut recv)).await;
     let (header, leftover) = match read {
         Ok(Ok(pair)) => pair,
@@ -272,7 +272,7 @@ pub(crate) async fn serve_stream(inner: Arc<Inner>, mut send: H2Send, mut recv: 
     .await
 }
 
-async fn read_header(recv: &mut H2Recv) -> Result<(StreamHeader, Bytes), String> {
+async fn read_header(recv: &mut AnyRecv) -> Result<(StreamHeader, Bytes), String> {
     let mut buf = BytesMut::new();
     let mut kind_checked = false;
     loop {
@@ -296,13 +296,13 @@ async fn read_header(recv: &mut H2Recv) -> Result<(StreamHeader, Bytes), String>
     }
 }
 
-async fn send_result(send: &mut H2Send, result: ConnectResult) -> Result<(), String> {
+async fn send_result(send: &mut AnySend, result: ConnectResult) -> Result<(), String> {
     let mut out = BytesMut::with_capacity(16 + result.detail.len());
     result.encode(&mut out);
     send.send(out.freeze()).await.map_err(|e| e.to_string())
 }
 
-async fn refuse(send: &mut H2Send, status: ConnectStatus, detail: String) {
+async fn refuse(send: &mut AnySend, status: ConnectStatus, detail: String) {
     tracing::debug!(?status, %detail, "refusing a carried connection");
     if send_result(send, ConnectResult::failed(status, detail))
         .await
@@ -315,8 +315,8 @@ async fn refuse(send: &mut H2Send, status: ConnectStatus, detail: String) {
 async fn destination(
     inner: &Inner,
     header: &StreamHeader,
-    mut send: H2Send,
-    recv: H2Recv,
+    mut send: AnySend,
+    recv: AnyRecv,
     leftover: Bytes,
 ) {
     if !inner.connectors().contains_key(&header.routing_key) {
@@ -342,8 +342,8 @@ async fn destination(
 async fn transit(
     inner: &Inner,
     mut header: StreamHeader,
-    mut send: H2Send,
-    recv: H2Recv,
+    mut send: AnySend,
+    recv: AnyRecv,
     leftover: Bytes,
 ) {
     if header.ttl == 0 {

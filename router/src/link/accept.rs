@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
@@ -17,11 +17,16 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use super::control::ControlChannel;
+use super::quic::QuicTransport;
 use super::session::{self, Role};
 use super::tls::{ClientHalf, ServerHalf, TlsTransport};
-use crate::proto::preface::CONN_PREFACE_LEN;
+use super::transport::Transport;
+use super::{AnyRecv, AnySend, LinkTransport};
+use crate::proto::preface::{CONN_PREFACE_LEN, LINK_ACCEPTED};
 use crate::proto::{ConnPreface, ConnRole, Message};
-use crate::{Direction, Inner, LinkState, LinkStatus, VERSION};
+use crate::{Direction, Inner, LinkState, LinkStatus, ALPN_LINK, VERSION};
+
+type Control = ControlChannel<AnySend, AnyRecv>;
 
 type ServerTls = tokio_rustls::server::TlsStream<TcpStream>;
 
@@ -40,6 +45,9 @@ pub(crate) async fn run(inner: Arc<Inner>, mut tls: ServerTls) {
         tracing::warn!("link connection without a client certificate refused");
         return;
     };
+    if tls.write_all(&[LINK_ACCEPTED]).await.is_err() {
+        return;
+    }
     let mut raw = [0u8; CONN_PREFACE_LEN];
     let read = tokio::time::timeout(inner.config.handshake_timeout, tls.read_exact(&mut raw)).await;
     let preface = match read {
@@ -81,6 +89,61 @@ pub(crate) async fn run(inner: Arc<Inner>, mut tls: ServerTls) {
     }
 }
 
+/// Reads the linking site's hello and checks it may link: returns its name and link cost, or
+/// why not (after telling the peer).
+async fn check_hello(
+    inner: &Inner,
+    peer: Uuid,
+    control: &mut Control,
+) -> Result<(String, u32), String> {
+    let (peer_name, cost) = match control.next().await.map_err(|e| e.to_string())? {
+        Message::Hello {
+            site_id,
+            site_name,
+            cost,
+            ..
+        } if site_id == peer => (site_name, cost),
+        Message::Hello { site_id, .. } => {
+            return Err(format!(
+                "hello names site {site_id} but the certificate is site {peer}"
+            ))
+        }
+        other => return Err(format!("expected hello, got {other:?}")),
+    };
+    let duplicate = inner
+        .lock()
+        .outgoing
+        .values()
+        .find(|l| l.status.peer_site == peer)
+        .map(|l| l.status.name.clone());
+    if let Some(name) = duplicate {
+        let reason = format!(
+            "site {} already has a link to site {peer_name} (its outgoing link {name}); \
+             two sites are linked once, in one direction",
+            inner.config.site_name
+        );
+        let _ = control
+            .send(&Message::Refuse {
+                reason: reason.clone(),
+            })
+            .await;
+        return Err(reason);
+    }
+    Ok((peer_name, cost))
+}
+
+async fn send_hello(inner: &Inner, cost: u32, control: &mut Control) -> Result<(), String> {
+    control
+        .send(&Message::Hello {
+            site_id: inner.config.site_id,
+            site_name: inner.config.site_name.clone(),
+            version: VERSION.into(),
+            cost,
+        })
+        .await
+        .map_err(|e| e.to_string())
+}
+
 async fn forward(inner: Arc<Inner>, tls: ServerTls, peer: Uuid, session_token: [u8; 16]) {
     let config = &inner.config;
     let dead = CancellationToken::new();
@@ -92,42 +155,10 @@ async fn forward(inner: Arc<Inner>, tls: ServerTls, peer: Uuid, session_token: [
             .accept()
             .await
             .ok_or("peer closed before opening its control stream")?;
-        let mut control = ControlChannel::accept(send, recv)
+        let mut control = ControlChannel::accept(AnySend::Tls(send), AnyRecv::Tls(recv))
             .await
             .map_err(|e| e.to_string())?;
-        let (peer_name, cost) = match control.next().await.map_err(|e| e.to_string())? {
-            Message::Hello {
-                site_id,
-                site_name,
-                cost,
-                ..
-            } if site_id == peer => (site_name, cost),
-            Message::Hello { site_id, .. } => {
-                return Err(format!(
-                    "hello names site {site_id} but the certificate is site {peer}"
-                ))
-            }
-            other => return Err(format!("expected hello, got {other:?}")),
-        };
-        let duplicate = inner
-            .lock()
-            .outgoing
-            .values()
-            .find(|l| l.status.peer_site == peer)
-            .map(|l| l.status.name.clone());
-        if let Some(name) = duplicate {
-            let reason = format!(
-                "site {} already has a link to site {peer_name} (its outgoing link {name}); \
-                 two sites are linked once, in one direction",
-                config.site_name
-            );
-            let _ = control
-                .send(&Message::Refuse {
-                    reason: reason.clone(),
-                })
-                .await;
-            return Err(reason);
-        }
+        let (peer_name, cost) = check_hello(&inner, peer, &mut control).await?;
         let (tx, rx) = oneshot::channel();
         {
             let mut pending = inner.pending.lock().unwrap_or_else(|e| e.into_inner());
@@ -136,15 +167,7 @@ async fn forward(inner: Arc<Inner>, tls: ServerTls, peer: Uuid, session_token: [
             }
             pending.waiting.insert(session_token, (peer, tx));
         }
-        control
-            .send(&Message::Hello {
-                site_id: config.site_id,
-                site_name: config.site_name.clone(),
-                version: VERSION.into(),
-                cost,
-            })
-            .await
-            .map_err(|e| e.to_string())?;
+        send_hello(&inner, cost, &mut control).await?;
         let reverse = tokio::time::timeout(config.handshake_timeout, rx).await;
         let reverse = match reverse {
             Ok(Ok(reverse)) => reverse,
@@ -157,29 +180,95 @@ async fn forward(inner: Arc<Inner>, tls: ServerTls, peer: Uuid, session_token: [
         let client = ClientHalf::start(reverse, dead.clone())
             .await
             .map_err(|e| e.to_string())?;
+        let transport = LinkTransport::Tls(TlsTransport::new(client, server, dead.clone()));
+        Ok::<_, String>((transport, control, peer_name, cost))
+    };
+    match tokio::time::timeout(config.handshake_timeout * 2, setup).await {
+        Ok(Ok((transport, control, peer_name, cost))) => {
+            run_incoming(inner, peer, peer_name, cost, transport, control).await
+        }
+        Ok(Err(error)) => {
+            tracing::warn!(%peer, %error, "incoming link refused");
+            dead.cancel();
+        }
+        Err(_) => {
+            tracing::warn!(%peer, "incoming link setup timed out");
+            dead.cancel();
+        }
+    }
+}
+
+/// Accepts QUIC links on `endpoint` until the router shuts down.
+pub(crate) async fn serve_quic(inner: Arc<Inner>, endpoint: quinn::Endpoint) {
+    loop {
+        let incoming = tokio::select! {
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => incoming,
+                None => break,
+            },
+            _ = inner.shutdown.cancelled() => break,
+        };
+        tokio::spawn(quic(inner.clone(), incoming));
+    }
+    endpoint.close(quinn::VarInt::from_u32(0), b"site stopped");
+}
+
+async fn quic(inner: Arc<Inner>, incoming: quinn::Incoming) {
+    let from = incoming.remote_address();
+    let config = &inner.config;
+    let setup = async {
+        let conn = incoming.await.map_err(|e| format!("QUIC handshake: {e}"))?;
+        let alpn = conn
+            .handshake_data()
+            .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+            .and_then(|d| d.protocol);
+        if alpn.as_deref() != Some(ALPN_LINK) {
+            return Err("QUIC connection without the skiff-link ALPN".to_string());
+        }
+        let certs = conn.peer_identity().and_then(|id| {
+            id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                .ok()
+        });
+        let peer = skiff_certs::peer_site_id(certs.as_deref().map(|c| c.as_slice()))
+            .ok_or("QUIC link connection without a client certificate")?;
+        let transport = QuicTransport::new(conn);
+        let (send, recv) = transport
+            .accept()
+            .await
+            .ok_or("peer closed before opening its control stream")?;
+        let mut control = ControlChannel::accept(AnySend::Quic(send), AnyRecv::Quic(recv))
+            .await
+            .map_err(|e| e.to_string())?;
+        let (peer_name, cost) = check_hello(&inner, peer, &mut control).await?;
+        send_hello(&inner, cost, &mut control).await?;
         Ok::<_, String>((
-            TlsTransport::new(client, server, dead.clone()),
+            peer,
+            LinkTransport::Quic(transport),
             control,
             peer_name,
             cost,
         ))
     };
-    let (transport, control, peer_name, cost) =
-        match tokio::time::timeout(config.handshake_timeout * 2, setup).await {
-            Ok(Ok(up)) => up,
-            Ok(Err(error)) => {
-                tracing::warn!(%peer, %error, "incoming link refused");
-                dead.cancel();
-                return;
-            }
-            Err(_) => {
-                tracing::warn!(%peer, "incoming link setup timed out");
-                dead.cancel();
-                return;
-            }
-        };
+    match tokio::time::timeout(config.handshake_timeout * 2, setup).await {
+        Ok(Ok((peer, transport, control, peer_name, cost))) => {
+            run_incoming(inner, peer, peer_name, cost, transport, control).await
+        }
+        Ok(Err(error)) => tracing::warn!(%from, %error, "incoming QUIC link refused"),
+        Err(_) => tracing::warn!(%from, "incoming QUIC link setup timed out"),
+    }
+}
 
+/// Registers an incoming link that is up and runs its session.
+async fn run_incoming(
+    inner: Arc<Inner>,
+    peer: Uuid,
+    peer_name: String,
+    cost: u32,
+    transport: LinkTransport,
+    control: Control,
+) {
     let cancel = inner.shutdown.child_token();
+    let kind = transport.kind();
     let status = LinkStatus {
         name: peer_name.clone(),
         direction: Direction::Incoming,
@@ -192,11 +281,12 @@ async fn forward(inner: Arc<Inner>, tls: ServerTls, peer: Uuid, session_token: [
         last_error: None,
         cert_expires: None,
         connects: 0,
+        transport: Some(kind),
     };
     let session_no = inner.add_incoming(status, cancel.clone());
     let span = tracing::info_span!("link", link = %peer_name, %peer, direction = "incoming");
     async {
-        tracing::info!("link up");
+        tracing::info!(transport = kind.as_str(), "link up");
         let reason = session::run(
             &inner,
             peer,
@@ -214,6 +304,7 @@ async fn forward(inner: Arc<Inner>, tls: ServerTls, peer: Uuid, session_token: [
         inner.set_incoming(peer, session_no, |s| {
             s.state = LinkState::Down;
             s.rtt = None;
+            s.transport = None;
             s.since = SystemTime::now();
             s.last_error = Some(reason);
         });

@@ -7,15 +7,19 @@ use std::time::{Duration, SystemTime};
 use rand::Rng;
 use rustls::pki_types::ServerName;
 use skiff_certs::CertifiedKey;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::control::ControlChannel;
+use super::quic::{self, QuicTransport};
 use super::session::{self, Role};
 use super::tls::{ClientHalf, ServerHalf, TlsTransport};
+use super::transport::Transport;
+use super::{AnyRecv, AnySend, LinkTransport, TransportChoice};
+use crate::proto::preface::LINK_ACCEPTED;
 use crate::proto::{ConnPreface, ConnRole, Message};
 use crate::{Inner, LinkState, OutgoingLink, ALPN_LINK, VERSION};
 
@@ -37,13 +41,14 @@ pub(crate) async fn run(inner: Arc<Inner>, link: OutgoingLink, cancel: Cancellat
             match attempt {
                 Ok((transport, control)) => {
                     failures = 0;
-                    tracing::info!("link up");
                     inner.set_outgoing(&link.name, |s| {
                         s.state = LinkState::Up;
                         s.since = SystemTime::now();
                         s.last_error = None;
                         s.connects += 1;
+                        s.transport = Some(transport.kind());
                     });
+                    tracing::info!(transport = transport.kind().as_str(), "link up");
                     let role = Role::Dialer {
                         name: link.name.clone(),
                         cert: &mut cert,
@@ -63,6 +68,7 @@ pub(crate) async fn run(inner: Arc<Inner>, link: OutgoingLink, cancel: Cancellat
                     inner.set_outgoing(&link.name, |s| {
                         s.state = LinkState::Down;
                         s.rtt = None;
+                        s.transport = None;
                         s.since = SystemTime::now();
                         s.last_error = Some(reason);
                         s.cert_expires = cert.not_after().ok();
@@ -103,7 +109,8 @@ fn backoff(config: &crate::Config, failures: u32) -> Duration {
 }
 
 fn explain(error: String, cert: &CertifiedKey) -> String {
-    if error.contains("CertificateRevoked") {
+    // rustls says "CertificateRevoked" over TCP, quinn "invalid peer certificate: Revoked".
+    if error.contains("Revoked") {
         return format!(
             "{error} (the peer site revoked this site; only its operators can let it back in, \
              with a new token)"
@@ -126,15 +133,17 @@ fn humantime_like(t: SystemTime) -> String {
     }
 }
 
-type Control = ControlChannel<super::tls::H2Send, super::tls::H2Recv>;
+type Control = ControlChannel<AnySend, AnyRecv>;
 
-/// One attempt: both connections up, hellos exchanged.
+/// How long `auto` gives QUIC before falling back to TLS.
+const QUIC_FALLBACK: Duration = Duration::from_secs(3);
+
+/// One attempt: the link's transport up and hellos exchanged.
 async fn connect(
     inner: &Inner,
     link: &OutgoingLink,
     cert: &CertifiedKey,
-) -> Result<(TlsTransport, Control), String> {
-    let config = &inner.config;
+) -> Result<(LinkTransport, Control), String> {
     let tls = skiff_certs::client_config(
         &link.peer_ca_pem,
         Some(cert),
@@ -142,6 +151,103 @@ async fn connect(
         &[ALPN_LINK],
     )
     .map_err(|e| format!("cannot build TLS config: {e}"))?;
+    let quic_possible = !link.quic_endpoints.is_empty();
+    match link.transport {
+        TransportChoice::Tls => connect_tls(inner, link, tls).await,
+        TransportChoice::Quic if !quic_possible => {
+            Err("the peer offers no QUIC endpoint; use --transport tls or auto".into())
+        }
+        TransportChoice::Quic => connect_quic(inner, link, tls).await,
+        TransportChoice::Auto if !quic_possible => connect_tls(inner, link, tls).await,
+        TransportChoice::Auto => {
+            let quic = tokio::time::timeout(QUIC_FALLBACK, connect_quic(inner, link, tls.clone()));
+            let quic_error = match quic.await {
+                Ok(Ok(up)) => return Ok(up),
+                Ok(Err(e)) => e,
+                Err(_) => format!("QUIC: no answer within {} s", QUIC_FALLBACK.as_secs()),
+            };
+            tracing::debug!(error = %quic_error, "QUIC did not get through; trying TLS");
+            connect_tls(inner, link, tls)
+                .await
+                .map_err(|e| format!("{e} (and {quic_error})"))
+        }
+    }
+}
+
+/// Sends our hello and checks the peer's answer.
+async fn hello(
+    inner: &Inner,
+    link: &OutgoingLink,
+    endpoint: &str,
+    control: &mut Control,
+) -> Result<(), String> {
+    let config = &inner.config;
+    control
+        .send(&Message::Hello {
+            site_id: config.site_id,
+            site_name: config.site_name.clone(),
+            version: VERSION.into(),
+            cost: link.cost,
+        })
+        .await
+        .map_err(|e| format!("{endpoint}: {e}"))?;
+    match control.next().await {
+        Ok(Message::Hello { site_id, .. }) if site_id == link.peer_site => Ok(()),
+        Ok(Message::Hello { site_id, .. }) => Err(format!(
+            "{endpoint}: peer says it is site {site_id}, expected {}",
+            link.peer_site
+        )),
+        Ok(Message::Refuse { reason }) => Err(format!("peer refused the link: {reason}")),
+        Ok(other) => Err(format!("{endpoint}: unexpected {other:?} before hello")),
+        Err(e) => Err(format!("{endpoint}: {e}")),
+    }
+}
+
+async fn connect_quic(
+    inner: &Inner,
+    link: &OutgoingLink,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<(LinkTransport, Control), String> {
+    let endpoint = inner.quic_endpoint().map_err(|e| format!("QUIC: {e}"))?;
+    let mut errors = Vec::new();
+    for target in &link.quic_endpoints {
+        let attempt = tokio::time::timeout(inner.config.handshake_timeout * 2, async {
+            let addr = tokio::net::lookup_host(target.as_str())
+                .await
+                .map_err(|e| format!("{target}: {e}"))?
+                .next()
+                .ok_or_else(|| format!("{target}: no address"))?;
+            let host = crate::endpoint_host(target);
+            let conn = quic::connect(&endpoint, tls.clone(), addr, host)
+                .await
+                .map_err(|e| format!("{target}: {e}"))?;
+            let transport = QuicTransport::new(conn);
+            let (send, recv) = transport
+                .open()
+                .await
+                .map_err(|e| format!("{target}: {e}"))?;
+            let mut control = ControlChannel::open(AnySend::Quic(send), AnyRecv::Quic(recv))
+                .await
+                .map_err(|e| format!("{target}: {e}"))?;
+            hello(inner, link, target, &mut control).await?;
+            Ok((LinkTransport::Quic(transport), control))
+        })
+        .await
+        .unwrap_or_else(|_| Err(format!("{target}: QUIC handshake timed out")));
+        match attempt {
+            Ok(up) => return Ok(up),
+            Err(e) => errors.push(e),
+        }
+    }
+    Err(errors.join("; "))
+}
+
+async fn connect_tls(
+    inner: &Inner,
+    link: &OutgoingLink,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<(LinkTransport, Control), String> {
+    let config = &inner.config;
     let connector = TlsConnector::from(tls);
     let session: [u8; 16] = rand::random();
 
@@ -171,7 +277,7 @@ async fn handshake(
     endpoint: &str,
     mut forward: tokio_rustls::client::TlsStream<TcpStream>,
     session: [u8; 16],
-) -> Result<(TlsTransport, Control), String> {
+) -> Result<(LinkTransport, Control), String> {
     let config = &inner.config;
     let preface = ConnPreface {
         role: ConnRole::Forward,
@@ -189,30 +295,10 @@ async fn handshake(
         .open()
         .await
         .map_err(|e| format!("{endpoint}: {e}"))?;
-    let mut control = ControlChannel::open(send, recv)
+    let mut control = ControlChannel::open(AnySend::Tls(send), AnyRecv::Tls(recv))
         .await
         .map_err(|e| format!("{endpoint}: {e}"))?;
-    control
-        .send(&Message::Hello {
-            site_id: config.site_id,
-            site_name: config.site_name.clone(),
-            version: VERSION.into(),
-            cost: link.cost,
-        })
-        .await
-        .map_err(|e| format!("{endpoint}: {e}"))?;
-    match control.next().await {
-        Ok(Message::Hello { site_id, .. }) if site_id == link.peer_site => {}
-        Ok(Message::Hello { site_id, .. }) => {
-            return Err(format!(
-                "{endpoint}: peer says it is site {site_id}, expected {}",
-                link.peer_site
-            ))
-        }
-        Ok(Message::Refuse { reason }) => return Err(format!("peer refused the link: {reason}")),
-        Ok(other) => return Err(format!("{endpoint}: unexpected {other:?} before hello")),
-        Err(e) => return Err(format!("{endpoint}: {e}")),
-    }
+    hello(inner, link, endpoint, &mut control).await?;
 
     let mut reverse = open_tls(connector, endpoint, config.connect_timeout).await?;
     let preface = ConnPreface {
@@ -226,7 +312,10 @@ async fn handshake(
     let server = ServerHalf::start(reverse, dead.clone())
         .await
         .map_err(|e| format!("{endpoint}: reverse connection: {e}"))?;
-    Ok((TlsTransport::new(client, server, dead), control))
+    Ok((
+        LinkTransport::Tls(TlsTransport::new(client, server, dead)),
+        control,
+    ))
 }
 
 async fn open_tls(
@@ -242,10 +331,19 @@ async fn open_tls(
         .map_err(|_| format!("{endpoint}: connect timed out"))?
         .map_err(|e| format!("{endpoint}: {e}"))?;
     let _ = tcp.set_nodelay(true);
-    connector
+    let mut tls = connector
         .connect(server_name, tcp)
         .await
-        .map_err(|e| format!("{endpoint}: TLS: {e}"))
+        .map_err(|e| format!("{endpoint}: TLS: {e}"))?;
+    let mut ack = [0u8; 1];
+    match tokio::time::timeout(connect_timeout, tls.read_exact(&mut ack)).await {
+        Ok(Ok(_)) if ack[0] == LINK_ACCEPTED => Ok(tls),
+        Ok(Ok(_)) => Err(format!("{endpoint}: not a skiff link port")),
+        Ok(Err(e)) => Err(format!("{endpoint}: TLS: {e}")),
+        Err(_) => Err(format!(
+            "{endpoint}: the peer did not accept the connection in time"
+        )),
+    }
 }
 
 #[cfg(test)]

@@ -18,8 +18,8 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::control::ControlChannel;
-use super::tls::{H2Recv, H2Send, TlsTransport};
 use super::transport::Transport;
+use super::{AnyRecv, AnySend, LinkTransport};
 use crate::proto::Message;
 use crate::Inner;
 
@@ -50,8 +50,8 @@ pub(crate) async fn run(
     peer_name: &str,
     cost: u32,
     mut role: Role<'_>,
-    transport: Arc<TlsTransport>,
-    mut control: ControlChannel<H2Send, H2Recv>,
+    transport: Arc<LinkTransport>,
+    mut control: ControlChannel<AnySend, AnyRecv>,
     cancel: &CancellationToken,
 ) -> String {
     let config = &inner.config;

@@ -6,6 +6,12 @@
 //! what lets both sites open streams towards each other. Both connections start with a
 //! [`ConnPreface`] carrying the same random session token, which is how the acceptor pairs them.
 
+/// The byte an accepting router writes on a link connection once the TLS handshake has
+/// succeeded on its side. TLS 1.3 lets the client finish before the server has judged the
+/// client's certificate, so the dialer waits for this byte: what it reads instead is the
+/// server's alert (say, "certificate revoked"), which it can then report.
+pub const LINK_ACCEPTED: u8 = 0x5a;
+
 /// Size of an encoded [`ConnPreface`].
 pub const CONN_PREFACE_LEN: usize = 22;
 

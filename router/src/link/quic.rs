@@ -1,0 +1,290 @@
+//! The QUIC link transport: each carried connection is a native QUIC bidirectional stream.
+//!
+//! QUIC (quinn, with the same rustls provider, certificates and mutual-TLS identity as TLS
+//! links) suits lossy, long-distance links: a lost packet stalls only the streams whose data it
+//! carried, not every connection on the link as one TCP connection would. One QUIC connection
+//! is symmetric, so unlike the TLS transport no second connection is needed.
+//!
+//! Stream semantics match the TLS transport: `finish` is a FIN in one direction, `reset` a
+//! RESET_STREAM (and the receiver's STOP_SENDING), a dead connection fails every stream. quinn
+//! *finishes* a send stream that is dropped unfinished; [`QuicSend`] resets it instead, so an
+//! abandoned stream can never pass for a complete one.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use quinn::VarInt;
+
+use super::transport::{RecvStream, SendStream, StreamError, Transport};
+
+/// Application error code for a stream reset (an aborted carried connection).
+const RESET_CODE: VarInt = VarInt::from_u32(1);
+/// Application error code for closing a link.
+const CLOSE_CODE: VarInt = VarInt::from_u32(0);
+
+/// Flow-control window of one stream (bounds memory per carried connection).
+const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+/// Flow-control window of a whole connection.
+const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
+/// Most bytes in flight unacknowledged on a connection (sized for long, fast paths).
+const SEND_WINDOW: u64 = 32 * 1024 * 1024;
+/// Most streams the peer may have open towards this router on one link.
+const MAX_STREAMS: u32 = 100_000;
+/// A connection silent for this long is dropped by QUIC itself; link heartbeats notice a dead
+/// peer much sooner (1 s), this is the backstop.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// QUIC transport settings shared by both ends of every link.
+pub fn transport_config() -> Arc<quinn::TransportConfig> {
+    let mut config = quinn::TransportConfig::default();
+    config
+        .stream_receive_window(VarInt::from_u32(STREAM_WINDOW))
+        .receive_window(VarInt::from_u32(CONNECTION_WINDOW))
+        .send_window(SEND_WINDOW)
+        .max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .keep_alive_interval(Some(Duration::from_secs(5)));
+    if let Ok(idle) = IDLE_TIMEOUT.try_into() {
+        config.max_idle_timeout(Some(idle));
+    }
+    Arc::new(config)
+}
+
+/// A QUIC endpoint serving links on `socket` (the UDP link port). It also dials out.
+pub fn server_endpoint(
+    socket: std::net::UdpSocket,
+    tls: Arc<rustls::ServerConfig>,
+) -> std::io::Result<quinn::Endpoint> {
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(transport_config());
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(config),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+}
+
+/// A dial-only QUIC endpoint on an ephemeral UDP port (for sites that do not serve QUIC).
+pub fn client_endpoint() -> std::io::Result<quinn::Endpoint> {
+    quinn::Endpoint::client(std::net::SocketAddr::from(([0, 0, 0, 0], 0)))
+}
+
+/// Dials `addr` (verifying the server as `server_name` with `tls`).
+pub async fn connect(
+    endpoint: &quinn::Endpoint,
+    tls: Arc<rustls::ClientConfig>,
+    addr: std::net::SocketAddr,
+    server_name: &str,
+) -> Result<quinn::Connection, String> {
+    let crypto =
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| format!("QUIC: {e}"))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(transport_config());
+    endpoint
+        .connect_with(config, addr, server_name)
+        .map_err(|e| format!("QUIC: {e}"))?
+        .await
+        .map_err(|e| format!("QUIC: {e}"))
+}
+
+/// A link carried by one QUIC connection.
+pub struct QuicTransport {
+    conn: quinn::Connection,
+}
+
+impl QuicTransport {
+    /// Wraps an established connection.
+    pub fn new(conn: quinn::Connection) -> Self {
+        QuicTransport { conn }
+    }
+
+    /// The connection's current path RTT as QUIC measures it.
+    pub fn rtt(&self) -> Duration {
+        self.conn.rtt()
+    }
+}
+
+impl Drop for QuicTransport {
+    fn drop(&mut self) {
+        self.conn.close(CLOSE_CODE, b"link closed");
+    }
+}
+
+impl Transport for QuicTransport {
+    type Send = QuicSend;
+    type Recv = QuicRecv;
+
+    async fn open(&self) -> Result<(QuicSend, QuicRecv), StreamError> {
+        let (send, recv) = self.conn.open_bi().await.map_err(connection_error)?;
+        Ok((QuicSend::new(send), QuicRecv { inner: recv }))
+    }
+
+    async fn accept(&self) -> Option<(QuicSend, QuicRecv)> {
+        let (send, recv) = self.conn.accept_bi().await.ok()?;
+        Some((QuicSend::new(send), QuicRecv { inner: recv }))
+    }
+
+    async fn closed(&self) {
+        self.conn.closed().await;
+    }
+
+    fn close(&self) {
+        self.conn.close(CLOSE_CODE, b"link closed");
+    }
+}
+
+/// The sending half of a QUIC stream.
+pub struct QuicSend {
+    inner: quinn::SendStream,
+    done: bool,
+}
+
+impl QuicSend {
+    fn new(inner: quinn::SendStream) -> Self {
+        QuicSend { inner, done: false }
+    }
+}
+
+impl Drop for QuicSend {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.inner.reset(RESET_CODE);
+        }
+    }
+}
+
+impl SendStream for QuicSend {
+    async fn send(&mut self, data: Bytes) -> Result<(), StreamError> {
+        self.inner.write_chunk(data).await.map_err(|e| match e {
+            quinn::WriteError::Stopped(_) => StreamError::Reset,
+            quinn::WriteError::ConnectionLost(e) => connection_error(e),
+            other => StreamError::LinkClosed(other.to_string()),
+        })
+    }
+
+    fn finish(&mut self) -> Result<(), StreamError> {
+        self.done = true;
+        self.inner
+            .finish()
+            .map_err(|e| StreamError::LinkClosed(e.to_string()))
+    }
+
+    fn reset(&mut self) {
+        self.done = true;
+        let _ = self.inner.reset(RESET_CODE);
+    }
+}
+
+/// The receiving half of a QUIC stream.
+pub struct QuicRecv {
+    inner: quinn::RecvStream,
+}
+
+impl RecvStream for QuicRecv {
+    async fn recv(&mut self) -> Result<Option<Bytes>, StreamError> {
+        loop {
+            return match self.inner.read_chunk(usize::MAX, true).await {
+                Ok(Some(chunk)) if chunk.bytes.is_empty() => continue,
+                Ok(Some(chunk)) => Ok(Some(chunk.bytes)),
+                Ok(None) => Ok(None),
+                Err(quinn::ReadError::Reset(_)) => Err(StreamError::Reset),
+                Err(quinn::ReadError::ConnectionLost(e)) => Err(connection_error(e)),
+                Err(other) => Err(StreamError::LinkClosed(other.to_string())),
+            };
+        }
+    }
+}
+
+fn connection_error(e: quinn::ConnectionError) -> StreamError {
+    StreamError::LinkClosed(e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use skiff_certs::{Authority, Revocations};
+    use uuid::Uuid;
+
+    /// Two endpoints on loopback with real certificates; returns both ends of one connection.
+    async fn pair() -> (QuicTransport, QuicTransport) {
+        let server_site = Uuid::new_v4();
+        let client_site = Uuid::new_v4();
+        let ca = Authority::generate(server_site, "server").unwrap();
+        let server_cert = ca
+            .issue_server(&["127.0.0.1".into()], Duration::from_secs(3600))
+            .unwrap();
+        let (key, csr) = skiff_certs::generate_csr(client_site, "client").unwrap();
+        let client_cert = skiff_certs::CertifiedKey {
+            cert_pem: ca
+                .sign_client_csr(&csr, client_site, "client", Duration::from_secs(3600))
+                .unwrap(),
+            key_pem: key,
+        };
+        let alpn: &[&[u8]] = &[crate::ALPN_LINK];
+        let server_tls =
+            skiff_certs::server_config(ca.cert_pem(), &server_cert, Revocations::default(), alpn)
+                .unwrap();
+        let client_tls =
+            skiff_certs::client_config(ca.cert_pem(), Some(&client_cert), Some(server_site), alpn)
+                .unwrap();
+        let server = server_endpoint(
+            std::net::UdpSocket::bind("127.0.0.1:0").unwrap(),
+            server_tls,
+        )
+        .unwrap();
+        let addr = server.local_addr().unwrap();
+        let client = client_endpoint().unwrap();
+        let (a, b) = tokio::join!(connect(&client, client_tls, addr, "127.0.0.1"), async {
+            server.accept().await.unwrap().await.unwrap()
+        });
+        (QuicTransport::new(a.unwrap()), QuicTransport::new(b))
+    }
+
+    #[tokio::test]
+    async fn half_close_and_reset_are_distinct() {
+        let (a, b) = pair().await;
+        let (mut s1, mut r1) = a.open().await.unwrap();
+        s1.send(Bytes::from_static(b"ping")).await.unwrap();
+        s1.finish().unwrap();
+        let (mut s2, mut r2) = b.accept().await.unwrap();
+        assert_eq!(r2.recv().await.unwrap().unwrap(), &b"ping"[..]);
+        assert_eq!(r2.recv().await.unwrap(), None);
+        s2.send(Bytes::from_static(b"pong")).await.unwrap();
+        s2.finish().unwrap();
+        assert_eq!(r1.recv().await.unwrap().unwrap(), &b"pong"[..]);
+        assert_eq!(r1.recv().await.unwrap(), None);
+
+        let (mut s3, _r3) = a.open().await.unwrap();
+        s3.send(Bytes::from_static(b"partial")).await.unwrap();
+        let (_s4, mut r4) = b.accept().await.unwrap();
+        assert_eq!(r4.recv().await.unwrap().unwrap(), &b"partial"[..]);
+        s3.reset();
+        assert_eq!(r4.recv().await, Err(StreamError::Reset));
+    }
+
+    #[tokio::test]
+    async fn dropping_an_unfinished_stream_resets_it() {
+        let (a, b) = pair().await;
+        let (mut s1, _r1) = a.open().await.unwrap();
+        s1.send(Bytes::from_static(b"x")).await.unwrap();
+        let (_s2, mut r2) = b.accept().await.unwrap();
+        assert_eq!(r2.recv().await.unwrap().unwrap(), &b"x"[..]);
+        drop(s1);
+        assert_eq!(r2.recv().await, Err(StreamError::Reset));
+    }
+
+    #[tokio::test]
+    async fn a_closed_link_fails_open_streams() {
+        let (a, b) = pair().await;
+        let (mut s1, _r1) = a.open().await.unwrap();
+        s1.send(Bytes::from_static(b"x")).await.unwrap();
+        let (_s2, mut r2) = b.accept().await.unwrap();
+        assert_eq!(r2.recv().await.unwrap().unwrap(), &b"x"[..]);
+        a.close();
+        assert!(matches!(r2.recv().await, Err(StreamError::LinkClosed(_))));
+    }
+}
