@@ -390,6 +390,8 @@ fn link_with_cost(site: &Site, issuer: &Site, cost: u32) {
         &cost.to_string(),
         "--wait",
         "10s",
+        "--transport",
+        common::transport(),
     ]);
     wait_for(
         &format!("link {} -> {} up", site.name, issuer.name),
@@ -587,7 +589,6 @@ fn tally(port: u16, n: usize, sites: &[&Site]) -> BTreeMap<String, usize> {
 
 /// 1 GiB through a listener in a, relayed by b, to a sink behind c's connector; the sink checks
 /// every byte against the sender's pattern and reports the count.
-#[test]
 fn gigabyte_over_two_hops_arrives_intact() {
     const TOTAL: u64 = 1 << 30;
     const SEED: u64 = 1;
@@ -644,7 +645,6 @@ fn gigabyte_over_two_hops_arrives_intact() {
 /// the client half-closes after its request and the backend, which answers only after that EOF,
 /// sends megabytes that all arrive before a clean EOF; and a backend that half-closes first
 /// (a greeting) still receives everything the client sends after seeing that EOF.
-#[test]
 fn half_close_keeps_the_reply_coming() {
     const REQUEST: u64 = 300 * 1024 + 17;
     const REPLY: u64 = 8 * 1024 * 1024 + 3;
@@ -763,7 +763,6 @@ fn half_close_keeps_the_reply_coming() {
 
 /// A transfer in flight through b when b is SIGKILLed: the client must see an error, never a
 /// clean end of data; the backend's connection is broken too.
-#[test]
 fn killing_the_middle_router_resets_the_client() {
     const SEED: u64 = 3;
     let backends = Backends::new();
@@ -851,7 +850,6 @@ fn killing_the_middle_router_resets_the_client() {
 
 /// a's listener (balanced) with two equally cheap serving sites: sequential connections split
 /// evenly.
-#[test]
 fn balanced_spreads_across_equal_sites() {
     const N: usize = 1000;
     let backends = Backends::new();
@@ -880,7 +878,6 @@ fn balanced_spreads_across_equal_sites() {
 }
 
 /// With `closest`, a serving site behind a cost-5 link gets nothing while a cost-1 one serves.
-#[test]
 fn closest_prefers_the_cheaper_site() {
     const N: usize = 200;
     let backends = Backends::new();
@@ -917,7 +914,6 @@ fn closest_prefers_the_cheaper_site() {
 
 /// Source affinity: each client address sticks to one site; when that site dies, only its
 /// clients move; when it comes back, exactly its clients return.
-#[test]
 fn source_affinity_sticks_and_moves_only_departed_clients() {
     let backends = Backends::new();
     let a = Site::start("a");
@@ -991,7 +987,6 @@ fn source_affinity_sticks_and_moves_only_departed_clients() {
 /// Three serving sites; one is SIGKILLed (its TCP connections close at once) and, 1.5 s later,
 /// every connection succeeds on the others; then one is SIGSTOPped (a hung host: no FIN, no
 /// RST, only the missing heartbeats tell) and, 1.5 s later, every connection succeeds again.
-#[test]
 fn failover_after_a_site_dies_is_invisible() {
     const N: usize = 200;
     let backends = Backends::new();
@@ -1037,7 +1032,6 @@ fn failover_after_a_site_dies_is_invisible() {
 /// completes, then an RST comes with no data, so the client's first read, or sometimes already
 /// its connect, fails with ECONNRESET; never a clean EOF); it serves as soon as a connector
 /// appears anywhere, and refuses again once it is deleted.
-#[test]
 fn listener_refuses_without_a_target_and_recovers() {
     let backends = Backends::new();
     let a = Site::start("a");
@@ -1077,7 +1071,6 @@ fn listener_refuses_without_a_target_and_recovers() {
 }
 
 /// 1000 clients open at the same time through one link, each echoing its own 4 KiB.
-#[test]
 fn a_thousand_concurrent_connections_through_one_link() {
     const N: usize = 1000;
     const LEN: usize = 4096;
@@ -1171,7 +1164,6 @@ fn a_thousand_concurrent_connections_through_one_link() {
 /// b's connector points at a closed port, c's at an echo server: every connection is served
 /// (by c), and what the client wrote before its connection was accepted reaches c intact. Once
 /// c no longer serves, the refusing b is all that is left and clients are reset.
-#[test]
 fn a_refusing_site_is_skipped() {
     const N: usize = 100;
     let backends = Backends::new();
@@ -1210,7 +1202,6 @@ fn a_refusing_site_is_skipped() {
 /// Listeners and connectors are restored after both sites restart (SIGTERM, start) and carry
 /// traffic again on the same port; a connection in flight through the stopping site is reset;
 /// a listener on a port in use is refused with a clear message and not stored.
-#[test]
 fn listeners_and_connectors_survive_a_restart() {
     let backends = Backends::new();
     let echo = backends.start(Behaviour::Echo);
@@ -1284,7 +1275,6 @@ fn listeners_and_connectors_survive_a_restart() {
 /// Clients that stop reading must cost only their own connections: other connections on the
 /// same link keep flowing, the link stays up, and the stalled connections resume intact when
 /// their clients read again.
-#[test]
 fn stalled_readers_do_not_freeze_the_link() {
     const STALLED: usize = 12;
     const SEED: u64 = 12;
@@ -1352,7 +1342,6 @@ fn stalled_readers_do_not_freeze_the_link() {
 }
 
 /// `round-robin` gives every reachable site its turn, the listener's own site included.
-#[test]
 fn round_robin_takes_every_site_in_turn() {
     const N: usize = 90;
     let backends = Backends::new();
@@ -1378,3 +1367,20 @@ fn round_robin_takes_every_site_in_turn() {
         "round-robin did not give each site its turn"
     );
 }
+
+// Every scenario runs once over TLS links and once over QUIC links.
+on_every_transport!(
+    gigabyte_over_two_hops_arrives_intact,
+    half_close_keeps_the_reply_coming,
+    killing_the_middle_router_resets_the_client,
+    balanced_spreads_across_equal_sites,
+    closest_prefers_the_cheaper_site,
+    source_affinity_sticks_and_moves_only_departed_clients,
+    failover_after_a_site_dies_is_invisible,
+    listener_refuses_without_a_target_and_recovers,
+    a_thousand_concurrent_connections_through_one_link,
+    a_refusing_site_is_skipped,
+    listeners_and_connectors_survive_a_restart,
+    stalled_readers_do_not_freeze_the_link,
+    round_robin_takes_every_site_in_turn,
+);

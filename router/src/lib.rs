@@ -206,6 +206,9 @@ pub(crate) struct Inner {
     pub(crate) next_connection: AtomicU64,
     /// Round-robin turn shared by all listeners.
     pub(crate) turn: AtomicU64,
+    /// Turn among this site's own connectors for a key (separate from `turn`, so serving a
+    /// connection locally never shifts a listener's rotation).
+    pub(crate) local_turn: AtomicU64,
     /// Why links to a site are being closed, for the `Refuse` message the session sends.
     pub(crate) closing: Mutex<HashMap<Uuid, String>>,
     /// The QUIC endpoint links are served on and dialed from (made on first use if this site
@@ -246,6 +249,7 @@ impl Router {
             next_session: AtomicU64::new(1),
             next_connection: AtomicU64::new(1),
             turn: AtomicU64::new(0),
+            local_turn: AtomicU64::new(0),
             closing: Mutex::new(HashMap::new()),
             quic: Mutex::new(None),
             config,

@@ -344,7 +344,15 @@ impl Site {
     /// `link create TOKEN`; returns the raw output.
     pub fn redeem(&self, token: &Path) -> Output {
         let token = token.to_str().expect("token path is not UTF-8");
-        self.cli(&["link", "create", token, "--wait", "10s"])
+        self.cli(&[
+            "link",
+            "create",
+            token,
+            "--wait",
+            "10s",
+            "--transport",
+            transport(),
+        ])
     }
 
     /// Links this site to `issuer` with a fresh one-use token; panics unless both sides see the
@@ -368,8 +376,11 @@ impl Site {
             Duration::from_secs(10),
             &[self, issuer],
             || {
-                self.link_up(&issuer.name, "outgoing")?;
-                issuer.link_up(&self.name, "incoming")
+                let link = self.link_up(&issuer.name, "outgoing")?;
+                if transport() != "auto" && link["transport"] != transport() {
+                    return Err(format!("link is not over {}: {link}", transport()));
+                }
+                issuer.link_up(&self.name, "incoming").map(|_| ())
             },
         );
     }
@@ -379,6 +390,35 @@ impl Drop for Site {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+thread_local! {
+    static TRANSPORT: std::cell::Cell<&'static str> = const { std::cell::Cell::new("auto") };
+}
+
+/// Makes every link this test thread creates use `transport` (`auto`, `tls` or `quic`): the
+/// tests of service traffic run once per transport.
+pub fn use_transport(transport: &'static str) {
+    TRANSPORT.with(|t| t.set(transport));
+}
+
+/// The transport links created by this test thread use.
+pub fn transport() -> &'static str {
+    TRANSPORT.with(|t| t.get())
+}
+
+/// Generates one `#[test]` per transport for each named test function (which takes no
+/// arguments and creates its links with [`Site::link_to`] or `--transport` from [`transport`]).
+#[macro_export]
+macro_rules! on_every_transport {
+    ($($name:ident),* $(,)?) => {
+        mod tls {
+            $(#[test] fn $name() { $crate::common::use_transport("tls"); super::$name(); })*
+        }
+        mod quic {
+            $(#[test] fn $name() { $crate::common::use_transport("quic"); super::$name(); })*
+        }
+    };
 }
 
 /// A TCP port that was free a moment ago on 127.0.0.1.

@@ -223,7 +223,7 @@ async fn connect_local(inner: &Inner, key: &str) -> Result<TcpStream, String> {
             open: 0,
         })
         .collect();
-    let turn = inner.turn.fetch_add(1, Ordering::Relaxed);
+    let turn = inner.local_turn.fetch_add(1, Ordering::Relaxed);
     let mut errors = Vec::new();
     for index in balance::order(Strategy::RoundRobin, &candidates, None, turn) {
         let c = &list[index];

@@ -25,8 +25,8 @@ const CLOSE_CODE: VarInt = VarInt::from_u32(0);
 
 /// Flow-control window of one stream (bounds memory per carried connection).
 const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
-/// Flow-control window of a whole connection.
-const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
+/// Flow-control window of a whole connection: unlimited, as for TLS links, so that streams
+/// whose readers stalled cannot freeze the others; the per-stream window bounds memory.
 /// Most bytes in flight unacknowledged on a connection (sized for long, fast paths).
 const SEND_WINDOW: u64 = 32 * 1024 * 1024;
 /// Most streams the peer may have open towards this router on one link.
@@ -40,7 +40,7 @@ pub fn transport_config() -> Arc<quinn::TransportConfig> {
     let mut config = quinn::TransportConfig::default();
     config
         .stream_receive_window(VarInt::from_u32(STREAM_WINDOW))
-        .receive_window(VarInt::from_u32(CONNECTION_WINDOW))
+        .receive_window(VarInt::MAX)
         .send_window(SEND_WINDOW)
         .max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS))
         .max_concurrent_uni_streams(VarInt::from_u32(0))

@@ -22,8 +22,12 @@ use super::transport::{RecvStream, SendStream, StreamError, Transport};
 /// Flow-control window of one stream: how much a sender may have in flight before the receiver
 /// has consumed it. Bounds memory per carried connection at the receiving router.
 const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
-/// Flow-control window of the whole connection, shared by all its streams.
-const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// Flow-control window of the whole connection, shared by all its streams: the protocol's
+/// maximum. A connection-wide limit would let a few carried connections whose clients stopped
+/// reading use up the window and freeze every other stream on the link, the control stream and
+/// its heartbeats included. Memory stays bounded by the per-stream window (and the number of
+/// streams a link may carry).
+const CONNECTION_WINDOW: u32 = (1 << 31) - 1;
 /// Largest HTTP/2 frame either side sends; large frames mean fewer headers per byte.
 const MAX_FRAME: u32 = 256 * 1024;
 /// Most bytes h2 buffers per stream on the sending side before `send` waits.
