@@ -5,13 +5,19 @@
 //! - [`token`]: the access-token file format;
 //! - [`claim`]: token redemption on the link port;
 //! - [`admin`]: the admin API (HTTP + JSON on a unix socket) and its client;
+//! - [`http`]: `/metrics`, `/healthz`, `/readyz` and `/network.svg`, and the control metrics;
+//! - [`picture`]: the network drawn as SVG and as Graphviz DOT;
+//! - [`logs`]: recent log lines kept for `skiff debug dump`;
 //! - [`site`]: the site daemon, which composes the router, the grant server and the admin API.
 
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod claim;
+pub mod http;
+pub mod logs;
 pub mod model;
+pub mod picture;
 pub mod site;
 pub mod store;
 pub mod token;

@@ -130,16 +130,63 @@ pub struct Site {
     server_tls: Arc<rustls::ServerConfig>,
     /// Listeners that could not be bound at start (name → why).
     listener_errors: Mutex<std::collections::HashMap<String, String>>,
+    metrics: crate::http::ControlMetrics,
+    /// Every metric of the site, for `/metrics` and debug dumps.
+    registry: std::sync::OnceLock<Arc<prometheus_client::registry::Registry>>,
+    /// Recent log lines, if the logger keeps them.
+    recent_logs: Option<crate::logs::Recent>,
+    /// Set once state is loaded and listeners are bound (`/readyz`).
+    ready: std::sync::atomic::AtomicBool,
+    /// When the link server certificate expires.
+    server_expires: Option<SystemTime>,
+}
+
+/// Options of the daemon beyond what the state dir holds.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Log one line per closed carried connection.
+    pub access_log: bool,
+    /// Where the logger keeps recent lines (served to `skiff debug dump`).
+    pub recent_logs: Option<crate::logs::Recent>,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            access_log: true,
+            recent_logs: None,
+        }
+    }
 }
 
 /// Runs the site daemon in `store` until `shutdown` fires.
 pub async fn run(
     store: Store,
-    mut listeners: Listeners,
+    listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    let site = Arc::new(Site::load(store, &mut listeners, shutdown.child_token())?);
+    run_with(store, listeners, RunOptions::default(), shutdown).await
+}
+
+/// [`run`] with options.
+pub async fn run_with(
+    store: Store,
+    mut listeners: Listeners,
+    options: RunOptions,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let mut registry = prometheus_client::registry::Registry::default();
+    let site = Arc::new(Site::load(
+        store,
+        &mut listeners,
+        &options,
+        &mut registry,
+        shutdown.child_token(),
+    )?);
+    let registry = Arc::new(registry);
+    let _ = site.registry.set(registry.clone());
     site.start_listeners().await;
+    site.ready.store(true, std::sync::atomic::Ordering::Release);
     tracing::info!(
         site = %site.core.config.name,
         id = %site.core.config.id,
@@ -156,8 +203,15 @@ pub async fn run(
     });
     tasks.spawn(admin::serve(listeners.admin, handler, shutdown.clone()));
     if let Some(metrics) = listeners.metrics {
-        tasks.spawn(serve_health(metrics, shutdown.clone()));
+        let endpoints: Arc<dyn crate::http::Endpoints> = site.clone();
+        tasks.spawn(crate::http::serve(
+            metrics,
+            endpoints,
+            registry,
+            shutdown.clone(),
+        ));
     }
+    tasks.spawn(watch_certificates(site.clone(), shutdown.clone()));
     shutdown.cancelled().await;
     // Every task watches the same token; wait (bounded) for them to wind down.
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
@@ -173,6 +227,8 @@ impl Site {
     fn load(
         store: Store,
         listeners: &mut Listeners,
+        options: &RunOptions,
+        registry: &mut prometheus_client::registry::Registry,
         shutdown: CancellationToken,
     ) -> Result<Self, Error> {
         let config = store.load_config()?;
@@ -199,11 +255,15 @@ impl Site {
             revocations,
             state: Mutex::new(state),
         });
+        let mut router_config = skiff_router::Config::new(config.id, config.name.clone());
+        router_config.access_log = options.access_log;
         let router = Router::new(
-            skiff_router::Config::new(config.id, config.name.clone()),
+            router_config,
             core.clone(),
             shutdown,
+            skiff_router::Metrics::register(registry),
         );
+        let metrics = crate::http::ControlMetrics::register(registry);
         let quic_port = match listeners.quic.take() {
             Some(socket) => {
                 // QUIC carries links only (redemption stays on TCP), so only that ALPN.
@@ -233,6 +293,11 @@ impl Site {
             quic_port,
             server_tls,
             listener_errors: Mutex::new(Default::default()),
+            metrics,
+            registry: std::sync::OnceLock::new(),
+            recent_logs: options.recent_logs.clone(),
+            ready: std::sync::atomic::AtomicBool::new(false),
+            server_expires: server.not_after().ok(),
         };
         site.apply_connectors();
         Ok(site)
@@ -422,6 +487,19 @@ impl Site {
         }
     }
 
+    /// The site's settings and state with every secret replaced by `***`.
+    fn masked_config(&self) -> serde_json::Value {
+        let mut state = self.core.lock().clone();
+        for grant in &mut state.grants {
+            grant.code_sha256 = "***".into();
+        }
+        serde_json::json!({
+            "site": self.core.config,
+            "state": state,
+            "privateKeys": "*** (not included)",
+        })
+    }
+
     fn network(&self) -> admin::NetworkView {
         let table = self.router.table();
         let own = self.core.config.id;
@@ -554,6 +632,21 @@ impl Site {
                 self.delete_listener(&p["/v1/listeners/".len()..])
             }
             (&Method::GET, "/v1/network") => admin::ok(&self.network()),
+            (&Method::GET, "/v1/logs") => admin::ok(
+                &self
+                    .recent_logs
+                    .as_ref()
+                    .map(|r| r.lines())
+                    .unwrap_or_default(),
+            ),
+            (&Method::GET, "/v1/metrics") => {
+                let mut text = String::new();
+                if let Some(registry) = self.registry.get() {
+                    let _ = prometheus_client::encoding::text::encode(&mut text, registry);
+                }
+                admin::ok(&text)
+            }
+            (&Method::GET, "/v1/config") => admin::ok(&self.masked_config()),
             _ => admin::error(
                 StatusCode::NOT_FOUND,
                 format!("no such admin API route: {} {}", req.method, req.path),
@@ -881,9 +974,16 @@ impl Site {
                 Ok(Err(e)) => Err(format!("unreadable claim: {e}")),
                 Err(_) => Err("no claim sent within 10 s".to_string()),
             };
-        let response = match request.and_then(|r| self.redeem(r)) {
-            Ok(cert) => ClaimResponse::Granted { cert },
-            Err(reason) => {
+        let response = match request
+            .map_err(|e| ("invalid", e))
+            .and_then(|r| self.redeem(r))
+        {
+            Ok(cert) => {
+                self.metrics.redemption("granted");
+                ClaimResponse::Granted { cert }
+            }
+            Err((result, reason)) => {
+                self.metrics.redemption(result);
                 tracing::warn!(%reason, "token redemption refused");
                 ClaimResponse::Refused { reason }
             }
@@ -894,68 +994,97 @@ impl Site {
         let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls).await;
     }
 
-    fn redeem(&self, req: ClaimRequest) -> Result<String, String> {
+    /// Redeems a claim: the signed client certificate, or the metric label and the reason.
+    fn redeem(&self, req: ClaimRequest) -> Result<String, (&'static str, String)> {
         let config = &self.core.config;
-        model::check_name("site", &req.site_name).map_err(|e| e.to_string())?;
+        model::check_name("site", &req.site_name).map_err(|e| ("invalid", e.to_string()))?;
         if req.site_id == config.id {
-            return Err(format!("site {} cannot link to itself", config.name));
+            return Err((
+                "invalid",
+                format!("site {} cannot link to itself", config.name),
+            ));
         }
         if self.core.revocations.is_revoked(req.site_id) {
-            return Err(format!(
+            let reason = format!(
                 "site {} ({}) was revoked by site {}",
                 req.site_name, req.site_id, config.name
-            ));
+            );
+            return Err(("revoked", reason));
         }
         if let Some(existing) = self.router.link_with(req.site_id) {
             if existing.direction == Direction::Outgoing || existing.state == LinkState::Up {
-                return Err(duplicate_message(config, &existing));
+                return Err(("duplicate", duplicate_message(config, &existing)));
             }
         }
-        let presented = sha256(req.code.0.as_bytes());
-        let now = model::unix_now();
-        let lifetime = config.cert_lifetime();
-        self.core
-            .change(|state| {
-                let grant = state
-                    .grants
-                    .iter_mut()
-                    .find(|g| g.id == req.grant)
-                    .filter(|g| unhex(&g.code_sha256).ct_eq(&presented).into());
-                let Some(grant) = grant else {
-                    return Err(Error::Invalid(
-                        "the token is not valid here (unknown grant or wrong code); ask for a new token"
-                            .into(),
-                    ));
-                };
-                if grant.expires <= now {
-                    return Err(Error::Invalid(format!(
-                        "the token expired at {}; ask for a new token",
-                        model::rfc3339(grant.expires)
-                    )));
-                }
-                if grant.uses_left == 0 {
-                    return Err(Error::Invalid(
-                        "the token was already used; ask for a new token".into(),
-                    ));
-                }
-                grant.uses_left -= 1;
-                let grant = grant.id.clone();
-                state.peers.retain(|p| p.id != req.site_id);
-                state.peers.push(PeerRecord {
-                    id: req.site_id,
-                    name: req.site_name.clone(),
-                    grant,
-                    linked_at: now,
-                });
-                Ok(())
-            })
-            .map_err(|e| e.to_string())?;
-        // The use is on disk; only now is the certificate handed out.
+        // Sign first (a bad CSR must not cost a use), hand out only after the use is on disk.
         let cert = self
             .core
             .authority
-            .sign_client_csr(&req.csr, req.site_id, &req.site_name, lifetime)
-            .map_err(|e| format!("the certificate request was refused: {e}"))?;
+            .sign_client_csr(
+                &req.csr,
+                req.site_id,
+                &req.site_name,
+                config.cert_lifetime(),
+            )
+            .map_err(|e| {
+                (
+                    "invalid",
+                    format!("the certificate request was refused: {e}"),
+                )
+            })?;
+        let presented = sha256(req.code.0.as_bytes());
+        let now = model::unix_now();
+        let mut refusal = None;
+        let saved = self.core.change(|state| {
+            let grant = state
+                .grants
+                .iter_mut()
+                .find(|g| g.id == req.grant)
+                .filter(|g| unhex(&g.code_sha256).ct_eq(&presented).into());
+            let Some(grant) = grant else {
+                refusal = Some((
+                    "invalid",
+                    "the token is not valid here (unknown grant or wrong code); ask for a new token"
+                        .to_string(),
+                ));
+                return Err(Error::Invalid(String::new()));
+            };
+            if grant.expires <= now {
+                let when = model::rfc3339(grant.expires);
+                refusal = Some((
+                    "expired",
+                    format!("the token expired at {when}; ask for a new token"),
+                ));
+                return Err(Error::Invalid(String::new()));
+            }
+            if grant.uses_left == 0 {
+                refusal = Some((
+                    "used",
+                    "the token was already used; ask for a new token".to_string(),
+                ));
+                return Err(Error::Invalid(String::new()));
+            }
+            grant.uses_left -= 1;
+            let grant = grant.id.clone();
+            state.peers.retain(|p| p.id != req.site_id);
+            state.peers.push(PeerRecord {
+                id: req.site_id,
+                name: req.site_name.clone(),
+                grant,
+                linked_at: now,
+            });
+            Ok(())
+        });
+        if let Err(e) = saved {
+            return Err(refusal.unwrap_or_else(|| {
+                (
+                    "error",
+                    format!(
+                        "the issuing site could not record the redemption ({e}); try again later"
+                    ),
+                )
+            }));
+        }
         tracing::info!(site = %req.site_name, id = %req.site_id, "token redeemed");
         Ok(cert)
     }
@@ -1078,34 +1207,34 @@ async fn drain(mut tcp: tokio::net::TcpStream) {
     .await;
 }
 
-async fn serve_health(listener: TcpListener, shutdown: CancellationToken) {
-    use http_body_util::Full;
-    use hyper_util::rt::TokioIo;
+/// Keeps `skiff_cert_expiry_timestamp_seconds` current (client certificates are renewed while
+/// the site runs).
+async fn watch_certificates(site: Arc<Site>, shutdown: CancellationToken) {
+    let ca = skiff_certs::not_after_pem(site.core.authority.cert_pem()).ok();
     loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(_) => continue,
-            },
-            _ = shutdown.cancelled() => break,
-        };
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(
-                |req: hyper::Request<hyper::body::Incoming>| async move {
-                    let (status, body) = match req.uri().path() {
-                        "/healthz" | "/readyz" => (StatusCode::OK, "ok\n"),
-                        _ => (StatusCode::NOT_FOUND, "not found\n"),
-                    };
-                    let mut response =
-                        hyper::Response::new(Full::new(bytes::Bytes::from_static(body.as_bytes())));
-                    *response.status_mut() = status;
-                    Ok::<_, std::convert::Infallible>(response)
-                },
-            );
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
+        site.metrics.cert_expiry("ca", ca);
+        site.metrics.cert_expiry("server", site.server_expires);
+        let client = site
+            .router
+            .links()
+            .iter()
+            .filter_map(|l| l.cert_expires)
+            .min();
+        site.metrics.cert_expiry("client", client);
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+impl crate::http::Endpoints for Site {
+    fn ready(&self) -> bool {
+        self.ready.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn network_svg(&self) -> String {
+        crate::picture::svg(&self.network())
     }
 }
 

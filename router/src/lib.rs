@@ -16,6 +16,7 @@
 
 pub mod forward;
 pub mod link;
+pub mod metrics;
 pub mod proto;
 mod routing;
 
@@ -32,6 +33,7 @@ use uuid::Uuid;
 pub use forward::{ConnectorConfig, ListenerConfig};
 pub use link::transport::StreamError;
 pub use link::{TransportChoice, TransportKind};
+pub use metrics::Metrics;
 pub use proto::balance::Strategy;
 pub use proto::routing::{Advertisement, Table};
 
@@ -60,6 +62,9 @@ pub struct Config {
     pub backoff_min: Duration,
     /// Largest reconnect delay.
     pub backoff_max: Duration,
+    /// Log one line per closed carried connection of this site's listeners (target
+    /// `skiff::access`).
+    pub access_log: bool,
 }
 
 impl Config {
@@ -75,6 +80,7 @@ impl Config {
             handshake_timeout: Duration::from_secs(5),
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
+            access_log: true,
         }
     }
 }
@@ -214,6 +220,7 @@ pub(crate) struct Inner {
     /// The QUIC endpoint links are served on and dialed from (made on first use if this site
     /// does not serve QUIC).
     pub(crate) quic: Mutex<Option<quinn::Endpoint>>,
+    pub(crate) metrics: Metrics,
 }
 
 #[derive(Default)]
@@ -236,7 +243,13 @@ pub(crate) struct Incoming {
 
 impl Router {
     /// A router with no links yet. Every task it spawns stops when `shutdown` is cancelled.
-    pub fn new(config: Config, hooks: Arc<dyn Hooks>, shutdown: CancellationToken) -> Self {
+    /// `metrics` are updated as the router works (see [`Metrics::register`]).
+    pub fn new(
+        config: Config,
+        hooks: Arc<dyn Hooks>,
+        shutdown: CancellationToken,
+        metrics: Metrics,
+    ) -> Self {
         let own = config.site_id;
         let inner = Arc::new(Inner {
             routing: Mutex::new(routing::Routing::new(own)),
@@ -252,6 +265,7 @@ impl Router {
             local_turn: AtomicU64::new(0),
             closing: Mutex::new(HashMap::new()),
             quic: Mutex::new(None),
+            metrics,
             config,
             hooks,
             links: Mutex::new(Links::default()),
@@ -490,7 +504,18 @@ impl Inner {
 
     /// Applies `f` to the link table and tells subscribers something changed.
     pub(crate) fn update<R>(&self, f: impl FnOnce(&mut Links) -> R) -> R {
-        let result = f(&mut self.lock());
+        let (result, all) = {
+            let mut links = self.lock();
+            let result = f(&mut links);
+            let all: Vec<LinkStatus> = links
+                .outgoing
+                .values()
+                .map(|l| l.status.clone())
+                .chain(links.incoming.values().map(|l| l.status.clone()))
+                .collect();
+            (result, all)
+        };
+        self.metrics.refresh_links(&all);
         self.changed.send_modify(|n| *n = n.wrapping_add(1));
         result
     }
@@ -534,6 +559,14 @@ impl Inner {
                 status.connects = old.status.connects;
             }
             status.connects += 1;
+            if status.connects > 1 {
+                self.metrics
+                    .link_reconnects
+                    .get_or_create(&metrics::NameLabels {
+                        link: status.name.clone(),
+                    })
+                    .inc();
+            }
             let old = links.incoming.insert(
                 status.peer_site,
                 Incoming {

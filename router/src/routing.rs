@@ -134,6 +134,7 @@ impl Inner {
     fn publish(&self, routing: &Routing) {
         let table = routing.lsdb.compute();
         let reachable = table.routes.len();
+        self.metrics.sites_reachable.set(reachable as i64);
         self.table.send_if_modified(|current| {
             if **current == table {
                 return false;

@@ -61,19 +61,19 @@ pub async fn run(command: LinkCommand, dir: &Path) -> Result<()> {
         } => {
             let token = std::fs::read_to_string(&token_file)
                 .with_context(|| format!("cannot read token file {}", token_file.display()))?;
-            eprintln!("redeeming token and waiting for the link to come up...");
-            let link: LinkView = client
-                .post(
-                    "/v1/links",
-                    &CreateLink {
-                        token,
-                        name,
-                        cost,
-                        wait_secs: Some(wait.as_secs().max(1)),
-                        transport: Some(transport),
-                    },
-                )
-                .await?;
+            let request = CreateLink {
+                token,
+                name,
+                cost,
+                wait_secs: Some(wait.as_secs().max(1)),
+                transport: Some(transport),
+            };
+            let what = format!(
+                "redeeming the token and waiting up to {} s for the link to come up",
+                wait.as_secs()
+            );
+            let link: LinkView =
+                super::with_progress(&what, client.post("/v1/links", &request)).await?;
             println!(
                 "link {} to site {} is {}{}{}",
                 link.name,

@@ -1,5 +1,6 @@
 //! Command-line interface: flags and the dispatch to each command group.
 
+mod debug;
 mod demo;
 mod link;
 mod output;
@@ -25,6 +26,10 @@ pub struct Args {
     /// `RUST_LOG` variable wins if set.
     #[arg(long, global = true, value_name = "FILTER")]
     pub log: Option<String>,
+
+    /// Log format: readable text, or one JSON object per line for log collectors.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
 
     #[command(subcommand)]
     pub command: Command,
@@ -59,14 +64,28 @@ pub enum Command {
     },
     /// Print the version.
     Version,
+    /// Collect what is needed to debug a site.
+    #[command(subcommand)]
+    Debug(debug::DebugCommand),
     /// Run a three-site demo network (dev, stg, prod) on loopback in this process.
     Demo(demo::DemoArgs),
 }
 
-/// Sets up logging to stderr: `info` for the daemon and the demo, `warn` for client commands.
-pub fn init_logging(args: &Args) {
+/// Log output formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Sets up logging to stderr (`info` for the daemon, `warn` for client commands, `error` for
+/// the demo). The daemon also keeps its recent lines for `skiff debug dump`.
+pub fn init_logging(args: &Args) -> skiff_control::logs::Recent {
+    let recent = skiff_control::logs::Recent::default();
     let default = match &args.command {
-        Command::Site(site::SiteCommand::Run) => "info",
+        Command::Site(site::SiteCommand::Run { .. }) => "info",
         // The demo stops a site on purpose; its peers' reconnect warnings are expected noise.
         Command::Demo(_) => "error",
         _ => "warn",
@@ -75,17 +94,53 @@ pub fn init_logging(args: &Args) {
         .ok()
         .or_else(|| args.log.clone())
         .unwrap_or_else(|| default.to_string());
-    let _ = tracing_subscriber::fmt()
+    let writer = Tee {
+        recent: recent.clone(),
+    };
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(writer);
+    let _ = match args.log_format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+    recent
+}
+
+/// Writes log lines to stderr and keeps them in the recent-lines ring.
+#[derive(Clone)]
+struct Tee {
+    recent: skiff_control::logs::Recent,
+}
+
+impl std::io::Write for Tee {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.recent.push(&String::from_utf8_lossy(buf));
+        std::io::stderr().write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Tee {
+    type Writer = Tee;
+
+    fn make_writer(&'a self) -> Tee {
+        self.clone()
+    }
 }
 
 /// Runs one command.
-pub async fn run(args: Args) -> Result<()> {
+pub async fn run(args: Args, recent_logs: skiff_control::logs::Recent) -> Result<()> {
     let state_dir = state_dir(args.state_dir.clone())?;
     match args.command {
-        Command::Site(command) => site::run(command, &state_dir).await,
+        Command::Site(command) => site::run(command, &state_dir, recent_logs).await,
+        Command::Debug(command) => debug::run(command, &state_dir).await,
         Command::Token(command) => token::run(command, &state_dir).await,
         Command::Link(command) => link::run(command, &state_dir).await,
         Command::Connector(command) => service::connector(command, &state_dir).await,
@@ -124,6 +179,32 @@ pub fn shutdown_on_signals() -> Result<tokio_util::sync::CancellationToken> {
         cancel.cancel();
     });
     Ok(token)
+}
+
+/// Runs `work`, showing a spinner with the elapsed time on stderr while it runs (only when
+/// stderr is a terminal, so scripts and logs stay clean).
+pub async fn with_progress<T>(what: &str, work: impl std::future::Future<Output = T>) -> T {
+    use std::io::{IsTerminal, Write};
+    if !std::io::stderr().is_terminal() {
+        return work.await;
+    }
+    let started = std::time::Instant::now();
+    let frames = ['|', '/', '-', '\\'];
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(150));
+    tokio::pin!(work);
+    let mut n = 0usize;
+    let result = loop {
+        tokio::select! {
+            result = &mut work => break result,
+            _ = tick.tick() => {
+                n += 1;
+                eprint!("\r{} {what} ({} s)", frames[n % frames.len()], started.elapsed().as_secs());
+                let _ = std::io::stderr().flush();
+            }
+        }
+    };
+    eprint!("\r\x1b[2K");
+    result
 }
 
 /// Parses durations like `30s`, `15m`, `2h`, `7d`.

@@ -84,6 +84,9 @@ pub enum NetworkCommand {
         /// Output format.
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Table)]
         output: Format,
+        /// Print the network as a Graphviz DOT graph instead.
+        #[arg(long, conflicts_with = "output")]
+        dot: bool,
     },
 }
 
@@ -218,9 +221,11 @@ pub async fn listener(command: ListenerCommand, dir: &Path) -> Result<()> {
 }
 
 pub async fn network(command: NetworkCommand, dir: &Path) -> Result<()> {
-    let NetworkCommand::Status { output } = command;
+    let NetworkCommand::Status { output, dot } = command;
     let view: NetworkView = admin::Client::new(dir).get("/v1/network").await?;
-    if !output::print_structured(output, &view)? {
+    if dot {
+        print!("{}", skiff_control::picture::dot(&view));
+    } else if !output::print_structured(output, &view)? {
         print!("{}", network_table(&view));
     }
     Ok(())

@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use clap::Subcommand;
 use skiff_control::admin::{self, StatusView};
 use skiff_control::model::DEFAULT_LINK_PORT;
+use skiff_control::site::RunOptions;
 use skiff_control::{InitOptions, Listeners, Store};
 
 use super::output::{self, Format};
@@ -41,10 +42,18 @@ pub enum SiteCommand {
         cert_lifetime: Duration,
     },
     /// Run the site daemon in the foreground (SIGTERM or Ctrl-C stops it gracefully).
-    Run,
+    Run {
+        /// Do not log a line per closed carried connection (target `skiff::access`).
+        #[arg(long)]
+        no_access_log: bool,
+    },
 }
 
-pub async fn run(command: SiteCommand, dir: &Path) -> Result<()> {
+pub async fn run(
+    command: SiteCommand,
+    dir: &Path,
+    recent_logs: skiff_control::logs::Recent,
+) -> Result<()> {
     match command {
         SiteCommand::Init {
             name,
@@ -97,11 +106,17 @@ pub async fn run(command: SiteCommand, dir: &Path) -> Result<()> {
             );
             Ok(())
         }
-        SiteCommand::Run => run_daemon(dir).await,
+        SiteCommand::Run { no_access_log } => {
+            let options = RunOptions {
+                access_log: !no_access_log,
+                recent_logs: Some(recent_logs),
+            };
+            run_daemon(dir, options).await
+        }
     }
 }
 
-async fn run_daemon(dir: &Path) -> Result<()> {
+async fn run_daemon(dir: &Path, options: RunOptions) -> Result<()> {
     let store = Store::new(dir);
     // Bad config stops the daemon before it binds anything.
     let config = store.load_config()?;
@@ -136,7 +151,7 @@ async fn run_daemon(dir: &Path) -> Result<()> {
     let admin = admin::bind(&store.admin_socket())
         .with_context(|| format!("cannot open {}", store.admin_socket().display()))?;
     let shutdown = super::shutdown_on_signals()?;
-    skiff_control::site::run(
+    skiff_control::site::run_with(
         store,
         Listeners {
             link,
@@ -144,6 +159,7 @@ async fn run_daemon(dir: &Path) -> Result<()> {
             metrics,
             quic,
         },
+        options,
         shutdown,
     )
     .await?;

@@ -16,7 +16,7 @@ pub(crate) mod splice;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use tokio::net::{TcpListener, TcpStream};
@@ -26,6 +26,7 @@ use uuid::Uuid;
 
 use crate::link::transport::{RecvStream, SendStream, Transport};
 use crate::link::{AnyRecv, AnySend};
+use crate::metrics::{KeyLabels, PeerLabels, Tally, TargetLabels};
 use crate::proto::balance::{self, Candidate, Strategy};
 use crate::proto::stream::{ConnectResult, ConnectStatus, StreamHeader, DEFAULT_TTL};
 use crate::proto::StreamKind;
@@ -100,11 +101,21 @@ async fn origin(
     from: SocketAddr,
     id: u64,
 ) {
+    let started = Instant::now();
     let key = &config.routing_key;
+    let metrics = &inner.metrics;
+    let active = metrics.active.get_or_create_owned(&KeyLabels {
+        routing_key: key.clone(),
+    });
+    active.inc();
+    let _active = scopeguard(move || {
+        active.dec();
+    });
     let table = inner.table();
     let targets = table.targets(key);
     if targets.is_empty() {
         tracing::debug!("refused: no site serves the key");
+        metrics.connect_error(key, "no_target");
         splice::abort_tcp(client);
         return;
     }
@@ -120,45 +131,129 @@ async fn origin(
     let turn = inner.turn.fetch_add(1, Ordering::Relaxed);
     let order = balance::order(config.strategy, &candidates, Some(from.ip()), turn);
     let own = inner.config.site_id;
+    let (to_target, to_client) = metrics.service_bytes(key);
     for index in order {
         let site = candidates[index].site;
+        let site_name = table.name(site);
         let _open = OpenGuard::new(&inner, key, site);
-        if site == own {
+        let outcome = if site == own {
             match connect_local(&inner, key).await {
                 Ok(server) => {
-                    tracing::debug!("connected to a local connector");
-                    log_end(&splice::tcp_tcp(client, server).await);
-                    return;
+                    connected(&inner, key, &site_name, started);
+                    let result = splice::tcp_tcp(client, server).await;
+                    // A local connection is counted when it ends (the kernel copies it).
+                    to_target.inc_by(result.1.up);
+                    to_client.inc_by(result.1.down);
+                    result
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "local connector refused; trying the next site");
+                    metrics.connect_error(key, "refused");
                     continue;
                 }
             }
-        }
-        let Some(route) = table.routes.get(&site) else {
-            continue;
-        };
-        let header = StreamHeader {
-            routing_key: key.clone(),
-            origin: own,
-            destination: site,
-            connection_id: id,
-            ttl: DEFAULT_TTL,
-        };
-        match open_remote(&inner, route.next_hop, &header).await {
-            Ok((send, recv, leftover)) => {
-                tracing::debug!(site = %table.name(site), "connected");
-                log_end(&splice::tcp_stream(client, send, recv, leftover).await);
-                return;
+        } else {
+            let Some(route) = table.routes.get(&site) else {
+                continue;
+            };
+            let header = StreamHeader {
+                routing_key: key.clone(),
+                origin: own,
+                destination: site,
+                connection_id: id,
+                ttl: DEFAULT_TTL,
+            };
+            let hop = table.name(route.next_hop);
+            match open_remote(&inner, route.next_hop, &header).await {
+                Ok((send, recv, leftover)) => {
+                    connected(&inner, key, &site_name, started);
+                    let _stream = StreamGauge::new(&inner, &hop);
+                    let (tx, rx) = metrics.link_bytes(&hop);
+                    let tallies = (
+                        Tally::new([to_target.clone(), tx]),
+                        Tally::new([to_client.clone(), rx]),
+                    );
+                    splice::tcp_stream(client, send, recv, leftover, tallies).await
+                }
+                Err((reason, e)) => {
+                    tracing::debug!(site = %site_name, error = %e, "site refused; trying the next");
+                    metrics.connect_error(key, reason);
+                    continue;
+                }
             }
-            Err(e) => {
-                tracing::debug!(site = %table.name(site), error = %e, "site refused; trying the next");
-            }
+        };
+        metrics.duration.observe(started.elapsed().as_secs_f64());
+        log_end(&outcome);
+        if inner.config.access_log {
+            let (end, moved) = &outcome;
+            tracing::info!(
+                target: "skiff::access",
+                routing_key = %key,
+                client = %from,
+                target_site = %site_name,
+                bytes_to_target = moved.up,
+                bytes_to_client = moved.down,
+                duration_ms = started.elapsed().as_millis() as u64,
+                end = match end {
+                    End::Clean => "closed",
+                    End::Aborted(_) => "reset",
+                },
+                "connection"
+            );
         }
+        return;
     }
     tracing::debug!("refused: every site serving the key refused");
     splice::abort_tcp(client);
+}
+
+/// Counts a client connection that reached `site`.
+fn connected(inner: &Inner, key: &str, site: &str, started: Instant) {
+    tracing::debug!(site, "connected");
+    inner
+        .metrics
+        .opened
+        .get_or_create(&TargetLabels {
+            routing_key: key.to_string(),
+            target_site: site.to_string(),
+        })
+        .inc();
+    inner
+        .metrics
+        .connect_latency
+        .observe(started.elapsed().as_secs_f64());
+}
+
+/// Runs `f` when dropped.
+fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
+}
+
+/// Counts a carried connection on the links with a peer while it lives.
+struct StreamGauge(prometheus_client::metrics::gauge::Gauge);
+
+impl StreamGauge {
+    fn new(inner: &Inner, peer: &str) -> Self {
+        let gauge = inner.metrics.link_streams.get_or_create_owned(&PeerLabels {
+            peer_site: peer.to_string(),
+        });
+        gauge.inc();
+        StreamGauge(gauge)
+    }
+}
+
+impl Drop for StreamGauge {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 fn log_end((end, moved): &(End, splice::Moved)) {
@@ -176,15 +271,18 @@ async fn open_remote(
     inner: &Inner,
     next_hop: Uuid,
     header: &StreamHeader,
-) -> Result<(AnySend, AnyRecv, Bytes), String> {
+) -> Result<(AnySend, AnyRecv, Bytes), (&'static str, String)> {
+    let link = |e: String| ("link", e);
     let transport = inner
         .transport_to(next_hop)
-        .ok_or("no live link to the next hop")?;
-    let (mut send, mut recv) = transport.open().await.map_err(|e| e.to_string())?;
+        .ok_or_else(|| link("no live link to the next hop".into()))?;
+    let (mut send, mut recv) = transport.open().await.map_err(|e| link(e.to_string()))?;
     let mut out = BytesMut::with_capacity(64);
     out.extend_from_slice(&[StreamKind::Connection.to_byte()]);
     header.encode(&mut out);
-    send.send(out.freeze()).await.map_err(|e| e.to_string())?;
+    send.send(out.freeze())
+        .await
+        .map_err(|e| link(e.to_string()))?;
     let mut buf = BytesMut::new();
     let result = tokio::time::timeout(RESULT_TIMEOUT, async {
         loop {
@@ -199,12 +297,16 @@ async fn open_remote(
         }
     })
     .await
-    .map_err(|_| "no connect result in time".to_string())??;
-    if result.status != ConnectStatus::Ok {
-        send.reset();
-        return Err(format!("{:?}: {}", result.status, result.detail));
-    }
-    Ok((send, recv, buf.freeze()))
+    .map_err(|_| ("timeout", "no connect result in time".to_string()))?
+    .map_err(link)?;
+    let reason = match result.status {
+        ConnectStatus::Ok => return Ok((send, recv, buf.freeze())),
+        ConnectStatus::Refused => "refused",
+        ConnectStatus::NoTarget => "no_target_at_destination",
+        ConnectStatus::Unreachable => "unreachable",
+    };
+    send.reset();
+    Err((reason, format!("{:?}: {}", result.status, result.detail)))
 }
 
 /// Connects to one of this site's connectors for `key`, trying each (in weighted turn) until
@@ -241,7 +343,13 @@ async fn connect_local(inner: &Inner, key: &str) -> Result<TcpStream, String> {
 }
 
 /// Serves a stream a neighbour opened on a link.
-pub(crate) async fn serve_stream(inner: Arc<Inner>, mut send: AnySend, mut recv: AnyRecv) {
+pub(crate) async fn serve_stream(
+    inner: Arc<Inner>,
+    peer: String,
+    mut send: AnySend,
+    mut recv: AnyRecv,
+) {
+    let _stream = StreamGauge::new(&inner, &peer);
     let read = tokio::time::timeout(HEADER_TIMEOUT, read_header(&mut recv)).await;
     let (header, leftover) = match read {
         Ok(Ok(pair)) => pair,
@@ -263,9 +371,9 @@ pub(crate) async fn serve_stream(inner: Arc<Inner>, mut send: AnySend, mut recv:
     );
     async move {
         if header.destination == inner.config.site_id {
-            destination(&inner, &header, send, recv, leftover).await;
+            destination(&inner, &peer, &header, send, recv, leftover).await;
         } else {
-            transit(&inner, header, send, recv, leftover).await;
+            transit(&inner, &peer, header, send, recv, leftover).await;
         }
     }
     .instrument(span)
@@ -314,6 +422,7 @@ async fn refuse(send: &mut AnySend, status: ConnectStatus, detail: String) {
 
 async fn destination(
     inner: &Inner,
+    peer: &str,
     header: &StreamHeader,
     mut send: AnySend,
     recv: AnyRecv,
@@ -333,7 +442,9 @@ async fn destination(
                 return;
             }
             tracing::debug!("connected to a local connector");
-            log_end(&splice::tcp_stream(server, send, recv, leftover).await);
+            let (tx, rx) = inner.metrics.link_bytes(peer);
+            let tallies = (Tally::new([tx]), Tally::new([rx]));
+            log_end(&splice::tcp_stream(server, send, recv, leftover, tallies).await);
         }
         Err(e) => refuse(&mut send, ConnectStatus::Refused, e).await,
     }
@@ -341,6 +452,7 @@ async fn destination(
 
 async fn transit(
     inner: &Inner,
+    peer: &str,
     mut header: StreamHeader,
     mut send: AnySend,
     recv: AnyRecv,
@@ -380,9 +492,14 @@ async fn transit(
     if let Err(e) = next_send.send(out.freeze()).await {
         return refuse(&mut send, ConnectStatus::Unreachable, e.to_string()).await;
     }
-    tracing::debug!(next_hop = %table.name(route.next_hop), "relaying");
+    let hop = table.name(route.next_hop);
+    tracing::debug!(next_hop = %hop, "relaying");
+    let _stream = StreamGauge::new(inner, &hop);
+    let (peer_tx, peer_rx) = inner.metrics.link_bytes(peer);
+    let (hop_tx, hop_rx) = inner.metrics.link_bytes(&hop);
+    let tallies = (Tally::new([peer_rx, hop_tx]), Tally::new([hop_rx, peer_tx]));
     // The connect result and everything after it are just bytes to a transit router.
-    log_end(&splice::stream_stream((send, recv), (next_send, next_recv), leftover).await);
+    log_end(&splice::stream_stream((send, recv), (next_send, next_recv), leftover, tallies).await);
 }
 
 /// Counts a connection (attempt) to `site` for `key` while it lives, for the balanced strategy.

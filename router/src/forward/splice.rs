@@ -17,6 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::link::transport::{RecvStream, SendStream};
+use crate::metrics::Tally;
 
 /// Size of a read from a TCP socket.
 pub(crate) const READ_CHUNK: usize = 64 * 1024;
@@ -58,11 +59,14 @@ where
 
 /// Carries bytes between a TCP connection and a link stream. `leftover` is data that arrived
 /// on the stream ahead of the splice (after its header) and goes to the TCP side first.
+///
+/// `up` counts bytes from the TCP side into the stream, `down` the other way, as they pass.
 pub(crate) async fn tcp_stream<S: SendStream, R: RecvStream>(
     mut tcp: TcpStream,
     mut send: S,
     mut recv: R,
     leftover: Bytes,
+    (up, down): (Tally, Tally),
 ) -> (End, Moved) {
     let (mut up_n, mut down_n) = (0u64, 0u64);
     let result = {
@@ -77,6 +81,7 @@ pub(crate) async fn tcp_stream<S: SendStream, R: RecvStream>(
                     Ok(0) => return send.finish().map_err(|e| e.to_string()),
                     Ok(n) => {
                         up_n += n as u64;
+                        up.add(n);
                         send.send(buf.split().freeze())
                             .await
                             .map_err(|e| e.to_string())?;
@@ -88,6 +93,7 @@ pub(crate) async fn tcp_stream<S: SendStream, R: RecvStream>(
         let down = async {
             if !leftover.is_empty() {
                 down_n += leftover.len() as u64;
+                down.add(leftover.len());
                 wr.write_all(&leftover)
                     .await
                     .map_err(|e| format!("client side: {e}"))?;
@@ -96,6 +102,7 @@ pub(crate) async fn tcp_stream<S: SendStream, R: RecvStream>(
                 match recv.recv().await {
                     Ok(Some(chunk)) => {
                         down_n += chunk.len() as u64;
+                        down.add(chunk.len());
                         wr.write_all(&chunk)
                             .await
                             .map_err(|e| format!("client side: {e}"))?;
@@ -126,11 +133,13 @@ pub(crate) async fn tcp_stream<S: SendStream, R: RecvStream>(
     }
 }
 
-/// Carries bytes between two link streams (a transit router).
+/// Carries bytes between two link streams (a transit router); `up` counts bytes from `a` to
+/// `b`, `down` the other way.
 pub(crate) async fn stream_stream<S1, R1, S2, R2>(
     (mut send_a, mut recv_a): (S1, R1),
     (mut send_b, mut recv_b): (S2, R2),
     leftover_to_b: Bytes,
+    (up, down): (Tally, Tally),
 ) -> (End, Moved)
 where
     S1: SendStream,
@@ -143,14 +152,15 @@ where
         let up = async {
             if !leftover_to_b.is_empty() {
                 up_n += leftover_to_b.len() as u64;
+                up.add(leftover_to_b.len());
                 send_b
                     .send(leftover_to_b.clone())
                     .await
                     .map_err(|e| e.to_string())?;
             }
-            relay(&mut recv_a, &mut send_b, &mut up_n).await
+            relay(&mut recv_a, &mut send_b, &mut up_n, &up).await
         };
-        let down = relay(&mut recv_b, &mut send_a, &mut down_n);
+        let down = relay(&mut recv_b, &mut send_a, &mut down_n, &down);
         both(up, down).await
     };
     let moved = Moved {
@@ -171,11 +181,13 @@ async fn relay<R: RecvStream, S: SendStream>(
     recv: &mut R,
     send: &mut S,
     count: &mut u64,
+    tally: &Tally,
 ) -> Result<(), String> {
     loop {
         match recv.recv().await {
             Ok(Some(chunk)) => {
                 *count += chunk.len() as u64;
+                tally.add(chunk.len());
                 send.send(chunk).await.map_err(|e| e.to_string())?;
             }
             Ok(None) => return send.finish().map_err(|e| e.to_string()),

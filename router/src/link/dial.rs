@@ -46,6 +46,15 @@ pub(crate) async fn run(inner: Arc<Inner>, link: OutgoingLink, cancel: Cancellat
                         s.since = SystemTime::now();
                         s.last_error = None;
                         s.connects += 1;
+                        if s.connects > 1 {
+                            inner
+                                .metrics
+                                .link_reconnects
+                                .get_or_create(&crate::metrics::NameLabels {
+                                    link: s.name.clone(),
+                                })
+                                .inc();
+                        }
                         s.transport = Some(transport.kind());
                     });
                     tracing::info!(transport = transport.kind().as_str(), "link up");

@@ -149,6 +149,13 @@ impl Transport for LinkTransport {
             LinkTransport::Quic(t) => t.close(),
         }
     }
+
+    fn received(&self) -> u64 {
+        match self {
+            LinkTransport::Tls(t) => t.received(),
+            LinkTransport::Quic(t) => t.received(),
+        }
+    }
 }
 
 impl SendStream for AnySend {

@@ -106,6 +106,11 @@ impl QuicTransport {
     pub fn rtt(&self) -> Duration {
         self.conn.rtt()
     }
+
+    /// Bytes received on the connection so far (every packet, not just stream data).
+    pub fn received(&self) -> u64 {
+        self.conn.stats().udp_rx.bytes
+    }
 }
 
 impl Drop for QuicTransport {
@@ -134,6 +139,10 @@ impl Transport for QuicTransport {
 
     fn close(&self) {
         self.conn.close(CLOSE_CODE, b"link closed");
+    }
+
+    fn received(&self) -> u64 {
+        QuicTransport::received(self)
     }
 }
 

@@ -63,6 +63,7 @@ pub(crate) async fn run(
     let mut heartbeat = tokio::time::interval(config.heartbeat_interval);
     heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();
+    let mut last_received = transport.received();
     let mut seq: u64 = 0;
     let mut pings: VecDeque<(u64, Instant)> = VecDeque::with_capacity(MAX_PINGS_IN_FLIGHT);
     let mut renew_at = match &role {
@@ -99,6 +100,13 @@ pub(crate) async fn run(
             }
             _ = transport.closed() => break "connection lost".to_string(),
             _ = heartbeat.tick() => {
+                // Any bytes from the peer prove it alive, not only control messages: a busy
+                // link may delay a pong behind data.
+                let received = transport.received();
+                if received != last_received {
+                    last_received = received;
+                    last_heard = Instant::now();
+                }
                 if last_heard.elapsed() > config.dead_after {
                     break format!(
                         "peer {peer_name} sent nothing for {} ms",
@@ -126,6 +134,13 @@ pub(crate) async fn run(
                         if let Some(&(_, sent)) = pings.iter().find(|(s, _)| *s == seq) {
                             let rtt = sent.elapsed();
                             set_status(inner, &role, peer, |s| s.rtt = Some(rtt));
+                            inner
+                                .metrics
+                                .link_rtt
+                                .get_or_create(&crate::metrics::PeerLabels {
+                                    peer_site: peer_name.to_string(),
+                                })
+                                .set(rtt.as_secs_f64());
                             pings.retain(|(s, _)| *s > seq);
                         }
                         None
@@ -221,7 +236,12 @@ pub(crate) async fn run(
                 let Some((send, recv)) = incoming else {
                     break "connection lost".to_string();
                 };
-                tokio::spawn(crate::forward::serve_stream(inner.clone(), send, recv));
+                tokio::spawn(crate::forward::serve_stream(
+                    inner.clone(),
+                    peer_name.to_string(),
+                    send,
+                    recv,
+                ));
             }
         }
     };

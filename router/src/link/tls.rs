@@ -11,9 +11,13 @@
 //! accepts them on the other ([`ServerHalf`]).
 
 use std::future::poll_fn;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{mpsc, Mutex};
 use tokio_util::sync::CancellationToken;
 
@@ -40,6 +44,7 @@ const ACCEPT_QUEUE: usize = 1024;
 /// The half of a link on which this router is the HTTP/2 client: it opens streams here.
 pub struct ClientHalf {
     send_request: h2::client::SendRequest<Bytes>,
+    received: Arc<AtomicU64>,
 }
 
 impl ClientHalf {
@@ -49,6 +54,11 @@ impl ClientHalf {
     where
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let received = Arc::new(AtomicU64::new(0));
+        let io = Counting {
+            inner: io,
+            read: received.clone(),
+        };
         let (send_request, connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
@@ -69,7 +79,10 @@ impl ClientHalf {
             }
             dead.cancel();
         });
-        Ok(ClientHalf { send_request })
+        Ok(ClientHalf {
+            send_request,
+            received,
+        })
     }
 
     /// Opens a stream.
@@ -99,6 +112,7 @@ impl ClientHalf {
 /// The half of a link on which this router is the HTTP/2 server: it accepts streams here.
 pub struct ServerHalf {
     incoming: Mutex<mpsc::Receiver<(H2Send, H2Recv)>>,
+    received: Arc<AtomicU64>,
 }
 
 impl ServerHalf {
@@ -108,6 +122,11 @@ impl ServerHalf {
     where
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let received = Arc::new(AtomicU64::new(0));
+        let io = Counting {
+            inner: io,
+            read: received.clone(),
+        };
         let mut connection = h2::server::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
@@ -157,6 +176,7 @@ impl ServerHalf {
         });
         Ok(ServerHalf {
             incoming: Mutex::new(rx),
+            received,
         })
     }
 
@@ -216,6 +236,62 @@ impl Transport for TlsTransport {
 
     fn close(&self) {
         self.dead.cancel();
+    }
+
+    fn received(&self) -> u64 {
+        self.client.received.load(Ordering::Relaxed) + self.server.received.load(Ordering::Relaxed)
+    }
+}
+
+/// Passes I/O through and counts the bytes read (for liveness: see `Transport::received`).
+struct Counting<T> {
+    inner: T,
+    read: Arc<AtomicU64>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counting<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = result {
+            let n = buf.filled().len() - before;
+            self.read.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        result
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counting<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
