@@ -8,12 +8,14 @@
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz` and `/network.svg`, and the control metrics;
 //! - [`picture`]: the network drawn as SVG and as Graphviz DOT;
 //! - [`logs`]: recent log lines kept for `skiff debug dump`;
+//! - [`crd`]: the Kubernetes custom resources;
 //! - [`site`]: the site daemon, which composes the router, the grant server and the admin API.
 
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod claim;
+pub mod crd;
 pub mod http;
 pub mod logs;
 pub mod model;

@@ -55,7 +55,7 @@ pub struct Metadata {
 }
 
 /// The token's content.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TokenSpec {
     /// Redemption and TLS link endpoints (`host:port` of the issuer's TCP link port), tried in
@@ -78,7 +78,7 @@ pub struct TokenSpec {
 }
 
 /// The site that issued a token.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Issuer {
     /// Site name.
@@ -88,7 +88,7 @@ pub struct Issuer {
 }
 
 /// A secret string: serialised as is, printed as `***`.
-#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(transparent)]
 pub struct Secret(pub String);
 

@@ -64,6 +64,8 @@ pub enum Command {
     },
     /// Print the version.
     Version,
+    /// Print the Kubernetes CustomResourceDefinitions (kubectl apply -f - installs them).
+    Crd,
     /// Collect what is needed to debug a site.
     #[command(subcommand)]
     Debug(debug::DebugCommand),
@@ -147,6 +149,10 @@ pub async fn run(args: Args, recent_logs: skiff_control::logs::Recent) -> Result
         Command::Listener(command) => service::listener(command, &state_dir).await,
         Command::Network(command) => service::network(command, &state_dir).await,
         Command::Status { output } => site::status(&state_dir, output).await,
+        Command::Crd => {
+            print!("{}", skiff_control::crd::manifests());
+            Ok(())
+        }
         Command::Version => {
             println!("skiff {}", env!("CARGO_PKG_VERSION"));
             Ok(())
