@@ -39,7 +39,6 @@ fn is_up(site: &Site, peer: &str, direction: &str) -> Result<(), String> {
     }
 }
 
-#[test]
 fn two_sites_link_and_report_rtt() {
     let b = Site::start("b");
     let a = Site::start("a");
@@ -215,7 +214,6 @@ fn token_with_another_ca_fails_tls_and_keeps_the_grant() {
     });
 }
 
-#[test]
 fn links_come_back_after_crash_and_restart() {
     let mut b = Site::start("b");
     let mut a = Site::start("a");
@@ -260,7 +258,6 @@ fn links_come_back_after_crash_and_restart() {
     );
 }
 
-#[test]
 fn revoke_cuts_one_site_and_keeps_the_others() {
     let b = Site::start("b");
     let a = Site::start("a");
@@ -318,7 +315,6 @@ fn revoke_cuts_one_site_and_keeps_the_others() {
 
 /// Beyond "non-empty": the revoked site's `lastError` must say it was revoked, on every
 /// reconnect attempt (the dialler has code for it: `explain` in `router/src/link/dial.rs`).
-#[test]
 fn revoked_site_is_told_why() {
     let b = Site::start("b");
     let a = Site::start("a");
@@ -396,7 +392,6 @@ fn openssl_client(port: u16, alpn: &str, input: &[u8]) {
     }
 }
 
-#[test]
 fn garbage_on_the_link_port_harms_nobody() {
     let b = Site::start("b");
     let a = Site::start("a");
@@ -542,7 +537,6 @@ fn commands_on_a_stopped_site_say_how_to_start_it() {
     );
 }
 
-#[test]
 fn client_certificates_are_renewed_over_the_live_link() {
     let b = Site::start_with("b", &["--cert-lifetime", "6s"]);
     let mut a = Site::start("a");
@@ -590,3 +584,71 @@ fn client_certificates_are_renewed_over_the_live_link() {
         },
     );
 }
+
+#[test]
+fn auto_falls_back_to_tls_when_udp_does_not_get_through() {
+    let b = Site::start("b");
+    let a = Site::start("a");
+    let token = b.issue("blocked-udp.yaml", &[]);
+    // Simulate a network that drops UDP: the QUIC endpoint answers nothing.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let dead = silent.local_addr().unwrap().to_string();
+    let mut value: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(&token).unwrap()).unwrap();
+    value["spec"]["quicEndpoints"] = serde_yaml_ng::Value::Sequence(vec![dead.into()]);
+    std::fs::write(&token, serde_yaml_ng::to_string(&value).unwrap()).unwrap();
+
+    let started = std::time::Instant::now();
+    let path = token.to_str().unwrap();
+    a.ok(&[
+        "link",
+        "create",
+        path,
+        "--transport",
+        "auto",
+        "--wait",
+        "20s",
+    ]);
+    let link = a.link_up("b", "outgoing").unwrap();
+    assert_eq!(link["transport"], "tls", "{link}");
+    // QUIC gets 3 s, then TLS takes over.
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(silent);
+}
+
+#[test]
+fn quic_is_refused_clearly_when_the_peer_does_not_serve_it() {
+    let b = Site::start_with("b", &["--no-quic"]);
+    let a = Site::start("a");
+    let token = b.issue("no-quic.yaml", &[]);
+    let text = std::fs::read_to_string(&token).unwrap();
+    assert!(!text.contains("quicEndpoints"), "{text}");
+    let path = token.to_str().unwrap();
+    let err = a.fails(&["link", "create", path, "--transport", "quic"]);
+    assert!(err.contains("does not serve QUIC"), "{err}");
+    // The refusal cost nothing: the same token still links over TLS (auto picks it).
+    a.ok(&[
+        "link",
+        "create",
+        path,
+        "--transport",
+        "auto",
+        "--wait",
+        "10s",
+    ]);
+    assert_eq!(a.link_up("b", "outgoing").unwrap()["transport"], "tls");
+}
+
+// Scenarios where the link's transport matters run once over TLS and once over QUIC.
+on_every_transport!(
+    two_sites_link_and_report_rtt,
+    links_come_back_after_crash_and_restart,
+    revoke_cuts_one_site_and_keeps_the_others,
+    revoked_site_is_told_why,
+    garbage_on_the_link_port_harms_nobody,
+    client_certificates_are_renewed_over_the_live_link,
+);
