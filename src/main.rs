@@ -11,6 +11,7 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let args = cli::Args::parse();
+    let json_logs = args.log_format == cli::LogFormat::Json;
     let recent_logs = cli::init_logging(&args);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -25,7 +26,12 @@ fn main() -> ExitCode {
     match runtime.block_on(cli::run(args, recent_logs)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            if json_logs {
+                // Collectors expect every line to be JSON, fatal errors included.
+                tracing::error!(error = %format!("{e:#}"), "fatal");
+            } else {
+                eprintln!("error: {e:#}");
+            }
             ExitCode::FAILURE
         }
     }

@@ -185,23 +185,8 @@ pub async fn run_with(
     )?);
     let registry = Arc::new(registry);
     let _ = site.registry.set(registry.clone());
-    site.start_listeners().await;
-    site.ready.store(true, std::sync::atomic::Ordering::Release);
-    tracing::info!(
-        site = %site.core.config.name,
-        id = %site.core.config.id,
-        link_port = site.link_port,
-        quic_port = site.quic_port,
-        "site running"
-    );
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(accept_links(site.clone(), listeners.link, shutdown.clone()));
-    let handler_site = site.clone();
-    let handler: admin::Handler = Arc::new(move |req| {
-        let site = handler_site.clone();
-        Box::pin(async move { site.handle(req).await })
-    });
-    tasks.spawn(admin::serve(listeners.admin, handler, shutdown.clone()));
+    // Health endpoints first, so /readyz can say "starting" while listeners are being bound.
     if let Some(metrics) = listeners.metrics {
         let endpoints: Arc<dyn crate::http::Endpoints> = site.clone();
         tasks.spawn(crate::http::serve(
@@ -211,6 +196,22 @@ pub async fn run_with(
             shutdown.clone(),
         ));
     }
+    site.start_listeners().await;
+    tasks.spawn(accept_links(site.clone(), listeners.link, shutdown.clone()));
+    let handler_site = site.clone();
+    let handler: admin::Handler = Arc::new(move |req| {
+        let site = handler_site.clone();
+        Box::pin(async move { site.handle(req).await })
+    });
+    tasks.spawn(admin::serve(listeners.admin, handler, shutdown.clone()));
+    site.ready.store(true, std::sync::atomic::Ordering::Release);
+    tracing::info!(
+        site = %site.core.config.name,
+        id = %site.core.config.id,
+        link_port = site.link_port,
+        quic_port = site.quic_port,
+        "site running"
+    );
     tasks.spawn(watch_certificates(site.clone(), shutdown.clone()));
     shutdown.cancelled().await;
     // Every task watches the same token; wait (bounded) for them to wind down.

@@ -71,7 +71,8 @@ pub struct TargetLabels {
 pub struct ErrorLabels {
     /// Routing key.
     pub routing_key: String,
-    /// `no_target`, `refused`, `no_target_at_destination`, `unreachable`, `link` or `timeout`.
+    /// `no_target`, `refused`, `no_target_at_destination`, `unreachable`, `link`, `timeout`,
+    /// or `exhausted` (every site refused: the client was reset).
     pub reason: String,
 }
 
@@ -103,7 +104,7 @@ pub struct Metrics {
 }
 
 fn duration_histogram() -> Histogram {
-    // 1 ms .. ~9 h
+    // 1 ms .. ~4.7 h
     Histogram::new(exponential_buckets(0.001, 4.0, 13))
 }
 

@@ -140,11 +140,11 @@ async fn origin(
             match connect_local(&inner, key).await {
                 Ok(server) => {
                     connected(&inner, key, &site_name, started);
-                    let result = splice::tcp_tcp(client, server).await;
-                    // A local connection is counted when it ends (the kernel copies it).
-                    to_target.inc_by(result.1.up);
-                    to_client.inc_by(result.1.down);
-                    result
+                    let tallies = (
+                        Tally::new([to_target.clone()]),
+                        Tally::new([to_client.clone()]),
+                    );
+                    splice::tcp_tcp(client, server, tallies).await
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "local connector refused; trying the next site");
@@ -154,6 +154,7 @@ async fn origin(
             }
         } else {
             let Some(route) = table.routes.get(&site) else {
+                metrics.connect_error(key, "unreachable");
                 continue;
             };
             let header = StreamHeader {
@@ -204,6 +205,7 @@ async fn origin(
         return;
     }
     tracing::debug!("refused: every site serving the key refused");
+    metrics.connect_error(key, "exhausted");
     splice::abort_tcp(client);
 }
 

@@ -196,14 +196,58 @@ async fn relay<R: RecvStream, S: SendStream>(
     }
 }
 
-/// Carries bytes between two TCP connections (a listener served by this site's own connector).
-pub(crate) async fn tcp_tcp(mut client: TcpStream, mut server: TcpStream) -> (End, Moved) {
-    match tokio::io::copy_bidirectional(&mut client, &mut server).await {
-        Ok((up, down)) => (End::Clean, Moved { up, down }),
-        Err(e) => {
+/// Carries bytes between two TCP connections (a listener served by this site's own
+/// connector), with the same half-close and abort rules; `up` counts client-to-server bytes.
+pub(crate) async fn tcp_tcp(
+    mut client: TcpStream,
+    mut server: TcpStream,
+    (up, down): (Tally, Tally),
+) -> (End, Moved) {
+    let (mut up_n, mut down_n) = (0u64, 0u64);
+    let result = {
+        let (mut client_rd, mut client_wr) = client.split();
+        let (mut server_rd, mut server_wr) = server.split();
+        let to_server = copy_tcp(&mut client_rd, &mut server_wr, &mut up_n, &up, "client");
+        let to_client = copy_tcp(&mut server_rd, &mut client_wr, &mut down_n, &down, "server");
+        both(to_server, to_client).await
+    };
+    let moved = Moved {
+        up: up_n,
+        down: down_n,
+    };
+    match result {
+        Ok(()) => (End::Clean, moved),
+        Err(reason) => {
             abort_tcp(client);
             abort_tcp(server);
-            (End::Aborted(e.to_string()), Moved::default())
+            (End::Aborted(reason), moved)
+        }
+    }
+}
+
+/// One direction of a TCP-to-TCP splice: a clean end becomes a FIN, an error an abort.
+async fn copy_tcp(
+    from: &mut tokio::net::tcp::ReadHalf<'_>,
+    to: &mut tokio::net::tcp::WriteHalf<'_>,
+    count: &mut u64,
+    tally: &Tally,
+    side: &str,
+) -> Result<(), String> {
+    let mut buf = vec![0u8; READ_CHUNK];
+    loop {
+        match from.read(&mut buf).await {
+            Ok(0) => {
+                let _ = to.shutdown().await;
+                return Ok(());
+            }
+            Ok(n) => {
+                *count += n as u64;
+                tally.add(n);
+                to.write_all(&buf[..n])
+                    .await
+                    .map_err(|e| format!("writing: {e}"))?;
+            }
+            Err(e) => return Err(format!("{side} side: {e}")),
         }
     }
 }

@@ -246,6 +246,10 @@ pub(crate) async fn run(
         }
     };
     inner.link_down(peer, live);
+    // A down link has no RTT: drop the series rather than keep a stale value.
+    inner.metrics.link_rtt.remove(&crate::metrics::PeerLabels {
+        peer_site: peer_name.to_string(),
+    });
     control.reset();
     transport.close();
     reason
