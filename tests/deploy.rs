@@ -105,3 +105,69 @@ fn token_example_in_the_docs_has_the_real_shape() {
         );
     }
 }
+
+fn skiff(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_skiff"))
+        .args(args)
+        .output()
+        .expect("run skiff");
+    assert!(
+        out.status.success(),
+        "skiff {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn create_commands_print_resources_for_gitops() {
+    // No daemon and no cluster needed: `-o yaml` only prints.
+    let yaml = skiff(&[
+        "--namespace",
+        "skiff-prod",
+        "listener",
+        "create",
+        "web",
+        "--port",
+        "8080",
+        "--strategy",
+        "closest",
+        "-o",
+        "yaml",
+    ]);
+    let listener: skiff_control::crd::Listener = serde_yaml_ng::from_str(&yaml).unwrap();
+    assert_eq!(listener.metadata.name.as_deref(), Some("web"));
+    assert_eq!(listener.metadata.namespace.as_deref(), Some("skiff-prod"));
+    assert_eq!(listener.spec.port, 8080);
+    assert_eq!(listener.spec.strategy.as_deref(), Some("closest"));
+    assert!(
+        yaml.starts_with("apiVersion: skiff.dev/v1alpha1\nkind: Listener\n"),
+        "{yaml}"
+    );
+
+    let yaml = skiff(&[
+        "connector",
+        "create",
+        "db",
+        "--selector",
+        "app=postgres",
+        "--port",
+        "5432",
+        "--name",
+        "db-main",
+        "-o",
+        "yaml",
+    ]);
+    let connector: skiff_control::crd::Connector = serde_yaml_ng::from_str(&yaml).unwrap();
+    assert_eq!(connector.metadata.name.as_deref(), Some("db-main"));
+    assert_eq!(
+        connector
+            .spec
+            .selector
+            .unwrap()
+            .get("app")
+            .map(String::as_str),
+        Some("postgres")
+    );
+    assert!(!yaml.contains("null"), "unset fields are left out: {yaml}");
+}

@@ -83,7 +83,7 @@ pub struct SiteSpec {
     #[serde(default = "yes")]
     pub quic: bool,
     /// Lifetime of the client certificates issued to linking sites (e.g. `7d`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cert_lifetime: Option<String>,
 }
 
@@ -95,6 +95,7 @@ pub struct SiteStatus {
     #[serde(default)]
     pub conditions: Vec<Condition>,
     /// The site's id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub site_id: Option<String>,
     /// Where other sites reach it (`host:port`).
     #[serde(default)]
@@ -128,7 +129,7 @@ pub struct LinkSpec {
     #[serde(default = "one")]
     pub cost: u32,
     /// `auto`, `quic` or `tls`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transport: Option<String>,
     /// The Secret holding this site's client certificate and key for the link.
     pub credentials_secret: String,
@@ -146,10 +147,13 @@ pub struct LinkStatus {
     #[serde(default)]
     pub conditions: Vec<Condition>,
     /// `up`, `down` or `connecting`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<String>,
     /// `quic` or `tls` while up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transport: Option<String>,
     /// Last heartbeat round trip in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rtt_ms: Option<f64>,
 }
 
@@ -189,10 +193,13 @@ pub struct AccessGrantStatus {
     #[serde(default)]
     pub conditions: Vec<Condition>,
     /// The Secret whose `token.yaml` is the token to hand to the other site.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_secret: Option<String>,
     /// When the token expires (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires: Option<String>,
     /// Redemptions left.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uses_left: Option<u32>,
 }
 
@@ -222,6 +229,7 @@ pub struct AccessTokenStatus {
     #[serde(default)]
     pub conditions: Vec<Condition>,
     /// The Link made from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub link: Option<String>,
 }
 
@@ -242,10 +250,10 @@ pub struct ListenerSpec {
     /// The port clients connect to.
     pub port: u16,
     /// Name of the Service clients use (default: the routing key).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
     /// `balanced` (default), `closest`, `round-robin` or `source-affinity`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strategy: Option<String>,
 }
 
@@ -278,13 +286,13 @@ pub struct ConnectorSpec {
     /// The backend port.
     pub port: u16,
     /// Pods with these labels serve it (their ready addresses, followed as pods come and go).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<BTreeMap<String, String>>,
     /// Or: a host name or address that serves it.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
     /// Relative share of connections (default 1).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weight: Option<u32>,
 }
 

@@ -27,6 +27,10 @@ pub struct Args {
     #[arg(long, global = true, value_name = "FILTER")]
     pub log: Option<String>,
 
+    /// Kubernetes namespace for resources printed with `-o yaml` (GitOps).
+    #[arg(long, global = true, env = "SKIFF_NAMESPACE", value_name = "NS")]
+    pub namespace: Option<String>,
+
     /// Log format: readable text, or one JSON object per line for log collectors.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -145,8 +149,12 @@ pub async fn run(args: Args, recent_logs: skiff_control::logs::Recent) -> Result
         Command::Debug(command) => debug::run(command, &state_dir).await,
         Command::Token(command) => token::run(command, &state_dir).await,
         Command::Link(command) => link::run(command, &state_dir).await,
-        Command::Connector(command) => service::connector(command, &state_dir).await,
-        Command::Listener(command) => service::listener(command, &state_dir).await,
+        Command::Connector(command) => {
+            service::connector(command, &state_dir, args.namespace.as_deref()).await
+        }
+        Command::Listener(command) => {
+            service::listener(command, &state_dir, args.namespace.as_deref()).await
+        }
         Command::Network(command) => service::network(command, &state_dir).await,
         Command::Status { output } => site::status(&state_dir, output).await,
         Command::Crd => {

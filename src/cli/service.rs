@@ -9,6 +9,26 @@ use skiff_control::admin::{
 };
 
 use super::output::{self, table, Format};
+use skiff_control::crd;
+
+/// Parses a `key=value` label.
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{text:?} is not a label: write key=value")),
+    }
+}
+
+/// A custom resource as YAML, with `namespace` set if given.
+fn resource_yaml<K>(mut resource: K, namespace: Option<&str>) -> Result<String>
+where
+    K: kube::Resource + serde::Serialize,
+{
+    if let Some(ns) = namespace {
+        resource.meta_mut().namespace = Some(ns.to_string());
+    }
+    Ok(serde_yaml_ng::to_string(&resource)?)
+}
 
 /// `skiff connector ...`
 #[derive(Subcommand, Debug)]
@@ -18,8 +38,11 @@ pub enum ConnectorCommand {
         /// The routing key (service name in the network).
         key: String,
         /// Backend host.
-        #[arg(long)]
-        host: String,
+        #[arg(long, required_unless_present = "selector")]
+        host: Option<String>,
+        /// In a cluster: pods with this label serve KEY (repeatable, `key=value`).
+        #[arg(long, value_name = "KEY=VALUE", value_parser = parse_label)]
+        selector: Vec<(String, String)>,
         /// Backend port.
         #[arg(long)]
         port: u16,
@@ -29,6 +52,9 @@ pub enum ConnectorCommand {
         /// Relative share of connections this connector gets.
         #[arg(long, default_value_t = 1, value_name = "N")]
         weight: u32,
+        /// `-o yaml`: print the Connector resource (for GitOps) instead of creating it here.
+        #[arg(short = 'o', long = "output", value_parser = ["yaml"])]
+        output: Option<String>,
     },
     /// List this site's connectors.
     List {
@@ -62,6 +88,12 @@ pub enum ListenerCommand {
         /// How to choose among the sites that serve KEY.
         #[arg(long, default_value = "balanced", value_parser = ["balanced", "closest", "round-robin", "source-affinity"])]
         strategy: String,
+        /// In a cluster: the name of the Service clients use (default: KEY).
+        #[arg(long, value_name = "NAME")]
+        host: Option<String>,
+        /// `-o yaml`: print the Listener resource (for GitOps) instead of creating it here.
+        #[arg(short = 'o', long = "output", value_parser = ["yaml"])]
+        output: Option<String>,
     },
     /// List this site's listeners and where their keys are served.
     List {
@@ -90,16 +122,47 @@ pub enum NetworkCommand {
     },
 }
 
-pub async fn connector(command: ConnectorCommand, dir: &Path) -> Result<()> {
+pub async fn connector(
+    command: ConnectorCommand,
+    dir: &Path,
+    namespace: Option<&str>,
+) -> Result<()> {
     let client = admin::Client::new(dir);
     match command {
         ConnectorCommand::Create {
             key,
             host,
+            selector,
             port,
             name,
             weight,
+            output: Some(_),
         } => {
+            let spec = crd::ConnectorSpec {
+                routing_key: key.clone(),
+                port,
+                selector: (!selector.is_empty()).then(|| selector.into_iter().collect()),
+                host,
+                weight: Some(weight),
+            };
+            let resource = crd::Connector::new(&name.unwrap_or(key), spec);
+            print!("{}", resource_yaml(resource, namespace)?);
+        }
+        ConnectorCommand::Create {
+            key,
+            host,
+            selector,
+            port,
+            name,
+            weight,
+            output: None,
+        } => {
+            anyhow::ensure!(
+                selector.is_empty(),
+                "--selector chooses pods in a cluster; a host site serves KEY from --host \
+                 (or print the resource with -o yaml)"
+            );
+            let host = host.unwrap_or_default();
             let c: ConnectorView = client
                 .post(
                     "/v1/connectors",
@@ -150,15 +213,35 @@ pub async fn connector(command: ConnectorCommand, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-pub async fn listener(command: ListenerCommand, dir: &Path) -> Result<()> {
+pub async fn listener(command: ListenerCommand, dir: &Path, namespace: Option<&str>) -> Result<()> {
     let client = admin::Client::new(dir);
     match command {
+        ListenerCommand::Create {
+            key,
+            port,
+            name,
+            strategy,
+            host,
+            output: Some(_),
+            ..
+        } => {
+            let spec = crd::ListenerSpec {
+                routing_key: key.clone(),
+                port,
+                host,
+                strategy: Some(strategy),
+            };
+            let resource = crd::Listener::new(&name.unwrap_or(key), spec);
+            print!("{}", resource_yaml(resource, namespace)?);
+        }
         ListenerCommand::Create {
             key,
             port,
             bind,
             name,
             strategy,
+            host: _,
+            output: None,
         } => {
             let l: ListenerView = client
                 .post(
