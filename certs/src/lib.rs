@@ -176,6 +176,16 @@ pub fn not_after_pem(cert_pem: &str) -> Result<SystemTime> {
     t.ok_or_else(|| Error::BadCertificate(format!("notAfter {secs} is out of range")))
 }
 
+/// True if the certificate (PEM) is for the public key of the private key (PEM): a renewed
+/// certificate must match the key it is stored with, or the next handshake would fail.
+pub fn cert_matches_key(cert_pem: &str, key_pem: &str) -> Result<bool> {
+    let der = first_cert_from_pem(cert_pem)?;
+    let cert = parse_cert(&der)?;
+    let key = rcgen::KeyPair::from_pem(key_pem).map_err(|e| Error::InvalidKey(e.to_string()))?;
+    use rcgen::PublicKeyData;
+    Ok(cert.public_key().raw == key.subject_public_key_info().as_slice())
+}
+
 /// The set of site ids a site refuses. Cheap to clone; clones share the set.
 #[derive(Clone, Default, Debug)]
 pub struct Revocations {
@@ -278,6 +288,25 @@ pub(crate) fn first_cert_from_pem(pem: &str) -> Result<CertificateDer<'static>> 
         what: "certificate",
         detail: e.to_string(),
     })
+}
+
+#[cfg(test)]
+mod key_match_tests {
+    use super::*;
+
+    #[test]
+    fn a_certificate_matches_only_its_own_key() {
+        let ca = Authority::generate(Uuid::new_v4(), "ca").unwrap();
+        let site = Uuid::new_v4();
+        let (key, csr) = generate_csr(site, "s").unwrap();
+        let (other_key, _) = generate_csr(site, "s").unwrap();
+        let cert = ca
+            .sign_client_csr(&csr, site, "s", Duration::from_secs(60))
+            .unwrap();
+        assert!(cert_matches_key(&cert, &key).unwrap());
+        assert!(!cert_matches_key(&cert, &other_key).unwrap());
+        assert!(cert_matches_key("garbage", &key).is_err());
+    }
 }
 
 #[cfg(test)]

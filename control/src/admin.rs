@@ -104,8 +104,8 @@ pub struct LinkView {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateLink {
-    /// The token file's text.
-    pub token: String,
+    /// The token file's text (a bearer secret: printed as `***`).
+    pub token: crate::token::Secret,
     /// Link name (default: the issuer's site name).
     pub name: Option<String>,
     /// Cost (default: the token's).
@@ -133,8 +133,8 @@ pub struct IssueToken {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TokenIssued {
-    /// The token file (YAML).
-    pub token: String,
+    /// The token file (YAML; a bearer secret: printed as `***`).
+    pub token: crate::token::Secret,
     /// The grant's id.
     pub grant: String,
     /// Expiry (RFC 3339).

@@ -117,10 +117,17 @@ pub async fn redeem(
         let mut tls = match tokio::time::timeout(timeout, connector.connect(name, tcp)).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
-                return Err(ClaimError::WrongIssuer {
-                    endpoint: endpoint.clone(),
-                    reason: e.to_string(),
-                })
+                let reason = e.to_string();
+                // Only a certificate problem means the token's CA or issuer does not match;
+                // anything else (reset, refused ALPN) is the endpoint not answering as a site.
+                if reason.contains("certificate") || reason.contains("UnknownIssuer") {
+                    return Err(ClaimError::WrongIssuer {
+                        endpoint: endpoint.clone(),
+                        reason,
+                    });
+                }
+                unreachable.push(format!("{endpoint} (TLS: {reason})"));
+                continue;
             }
             Err(_) => {
                 unreachable.push(format!("{endpoint} (TLS handshake timed out)"));

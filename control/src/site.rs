@@ -35,7 +35,11 @@ use crate::Error;
 /// Most TLS handshakes on the link port in progress at once; more wait in the kernel backlog.
 const MAX_HANDSHAKES: usize = 256;
 /// Limit for a TLS handshake on the link port (slow clients are dropped).
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Limit for a redeeming client to send its claim after the handshake.
+const CLAIM_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most token redemptions answered at once; more are refused until one finishes.
+const MAX_CLAIMS: usize = 32;
 /// Default wait for `link create`.
 const DEFAULT_LINK_WAIT: Duration = Duration::from_secs(30);
 
@@ -358,7 +362,7 @@ impl Site {
             routing_key: req.routing_key,
             host: req.host,
             port: req.port,
-            weight: req.weight.unwrap_or(1).max(1),
+            weight: req.weight.unwrap_or(1).clamp(1, 1000),
         };
         let saved = self.core.change(|state| {
             if state.connectors.iter().any(|c| c.name == name) {
@@ -439,6 +443,12 @@ impl Site {
             record.port = socket.local_addr().map(|a| a.port()).unwrap_or(0);
         }
         if let Err(e) = self.core.change(|state| {
+            if state.listeners.iter().any(|l| l.name == record.name) {
+                return Err(Error::Invalid(format!(
+                    "a listener named {} was created meanwhile",
+                    record.name
+                )));
+            }
             state.listeners.push(record.clone());
             Ok(())
         }) {
@@ -735,7 +745,7 @@ impl Site {
             },
         };
         let issued = admin::TokenIssued {
-            token: token.to_yaml(),
+            token: Secret(token.to_yaml()),
             grant: grant.id.clone(),
             expires: token.spec.expires.clone(),
         };
@@ -761,7 +771,7 @@ impl Site {
 
     async fn create_link(&self, req: admin::CreateLink) -> ApiResponse {
         let bad = |m: String| admin::error(StatusCode::BAD_REQUEST, m);
-        let token = match AccessToken::parse(&req.token) {
+        let token = match AccessToken::parse(&req.token.0) {
             Ok(token) => token,
             Err(e) => return bad(e.to_string()),
         };
@@ -835,6 +845,12 @@ impl Site {
         };
         let saved = self.core.save_link_cert(&name, &cert).and_then(|()| {
             self.core.change(|state| {
+                if state.links.iter().any(|l| l.name == record.name) {
+                    return Err(Error::Invalid(format!(
+                        "a link named {} was created meanwhile",
+                        record.name
+                    )));
+                }
                 state.links.push(record.clone());
                 Ok(())
             })
@@ -907,6 +923,24 @@ impl Site {
         let target = {
             let state = self.core.lock();
             let by_id = Uuid::parse_str(&req.site).ok();
+            let mut same_name: Vec<Uuid> = state
+                .peers
+                .iter()
+                .filter(|p| p.name == req.site)
+                .map(|p| p.id)
+                .collect();
+            same_name.dedup();
+            if same_name.len() > 1 {
+                let ids: Vec<String> = same_name.iter().map(Uuid::to_string).collect();
+                return admin::error(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "several sites named {} have linked to this site ({}); revoke one by id",
+                        req.site,
+                        ids.join(", ")
+                    ),
+                );
+            }
             state
                 .peers
                 .iter()
@@ -943,6 +977,16 @@ impl Site {
             if !state.revoked.contains(&id) {
                 state.revoked.push(id);
             }
+            // The grant the site redeemed must not let it (under a new id) back in.
+            let used: Vec<String> = state
+                .peers
+                .iter()
+                .filter(|p| p.id == id)
+                .map(|p| p.grant.clone())
+                .collect();
+            for grant in state.grants.iter_mut().filter(|g| used.contains(&g.id)) {
+                grant.uses_left = 0;
+            }
             Ok(())
         }) {
             return admin::error(StatusCode::INSUFFICIENT_STORAGE, e.to_string());
@@ -968,13 +1012,12 @@ impl Site {
 
     /// Answers one redemption on the link port.
     async fn serve_claim(&self, mut tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>) {
-        let request =
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, claim::read_frame(&mut tls)).await {
-                Ok(Ok(raw)) => serde_json::from_slice::<ClaimRequest>(&raw)
-                    .map_err(|e| format!("malformed claim: {e}")),
-                Ok(Err(e)) => Err(format!("unreadable claim: {e}")),
-                Err(_) => Err("no claim sent within 10 s".to_string()),
-            };
+        let request = match tokio::time::timeout(CLAIM_TIMEOUT, claim::read_frame(&mut tls)).await {
+            Ok(Ok(raw)) => serde_json::from_slice::<ClaimRequest>(&raw)
+                .map_err(|e| format!("malformed claim: {e}")),
+            Ok(Err(e)) => Err(format!("unreadable claim: {e}")),
+            Err(_) => Err("no claim sent within 5 s".to_string()),
+        };
         let response = match request
             .map_err(|e| ("invalid", e))
             .and_then(|r| self.redeem(r))
@@ -1017,7 +1060,41 @@ impl Site {
                 return Err(("duplicate", duplicate_message(config, &existing)));
             }
         }
-        // Sign first (a bad CSR must not cost a use), hand out only after the use is on disk.
+        // An id that is alive elsewhere in the network belongs to that site: a token holder
+        // must not get a certificate for it.
+        if self
+            .router
+            .advertisements()
+            .iter()
+            .any(|a| a.origin == req.site_id)
+        {
+            let reason = format!(
+                "site id {} is already in use in this network (by site {}); a site links with \
+                 its own id. If that site was re-created, wait 20 s for its old advertisements \
+                 to age out",
+                req.site_id,
+                self.router.table().name(req.site_id)
+            );
+            return Err(("duplicate", reason));
+        }
+        let presented = sha256(req.code.0.as_bytes());
+        let now = model::unix_now();
+        // Check the code before doing any work for the claimant (signing costs CPU).
+        let valid = self
+            .core
+            .lock()
+            .grants
+            .iter()
+            .any(|g| g.id == req.grant && bool::from(unhex(&g.code_sha256).ct_eq(&presented)));
+        if !valid {
+            return Err((
+                "invalid",
+                "the token is not valid here (unknown grant or wrong code); ask for a new token"
+                    .to_string(),
+            ));
+        }
+        // Sign before consuming a use (a bad CSR must not cost one), hand the certificate out
+        // only after the use is on disk.
         let cert = self
             .core
             .authority
@@ -1033,8 +1110,6 @@ impl Site {
                     format!("the certificate request was refused: {e}"),
                 )
             })?;
-        let presented = sha256(req.code.0.as_bytes());
-        let now = model::unix_now();
         let mut refusal = None;
         let saved = self.core.change(|state| {
             let grant = state
@@ -1139,11 +1214,22 @@ impl skiff_router::Hooks for Core {
     fn renewed(&self, name: &str, cert: &CertifiedKey) -> Result<(), String> {
         self.save_link_cert(name, cert).map_err(|e| e.to_string())
     }
+
+    fn admit(&self, peer: Uuid, peer_name: &str) -> Result<(), String> {
+        if self.revocations.is_revoked(peer) {
+            return Err(format!(
+                "site {peer_name} was revoked by site {}",
+                self.config.name
+            ));
+        }
+        Ok(())
+    }
 }
 
 async fn accept_links(site: Arc<Site>, listener: TcpListener, shutdown: CancellationToken) {
     let acceptor = tokio_rustls::TlsAcceptor::from(site.server_tls.clone());
     let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    let claims = Arc::new(Semaphore::new(MAX_CLAIMS));
     loop {
         let (tcp, from) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -1157,11 +1243,15 @@ async fn accept_links(site: Arc<Site>, listener: TcpListener, shutdown: Cancella
             },
             _ = shutdown.cancelled() => break,
         };
-        let Ok(permit) = handshakes.clone().acquire_owned().await else {
-            break;
+        // Never wait for a permit here: a flood of connections that stall their handshakes
+        // must cost only themselves, not block the accept loop for everyone else.
+        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            tracing::warn!(%from, "too many TLS handshakes in progress; connection dropped");
+            drop(tcp);
+            continue;
         };
         let _ = tcp.set_nodelay(true);
-        let (site, acceptor) = (site.clone(), acceptor.clone());
+        let (site, acceptor, claims) = (site.clone(), acceptor.clone(), claims.clone());
         tokio::spawn(async move {
             let handshake = acceptor.accept(tcp).into_fallible();
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
@@ -1183,7 +1273,10 @@ async fn accept_links(site: Arc<Site>, listener: TcpListener, shutdown: Cancella
             drop(permit);
             match tls.get_ref().1.alpn_protocol() {
                 Some(p) if p == ALPN_LINK => site.router.accept(tls).await,
-                Some(p) if p == ALPN_CLAIM => site.serve_claim(tls).await,
+                Some(p) if p == ALPN_CLAIM => match claims.clone().try_acquire_owned() {
+                    Ok(_claim) => site.serve_claim(tls).await,
+                    Err(_) => tracing::warn!(%from, "too many token redemptions at once; refused"),
+                },
                 _ => tracing::warn!(%from, "link port connection without a skiff ALPN refused"),
             }
         });

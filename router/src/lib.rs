@@ -93,6 +93,22 @@ pub trait Hooks: Send + Sync + 'static {
     /// Linking side: the peer renewed the client certificate of link `name`. Must persist it
     /// before returning: the router uses it for every later connection.
     fn renewed(&self, name: &str, cert: &CertifiedKey) -> Result<(), String>;
+    /// Accepting side, just before an incoming link is registered: may `peer` link now? (The
+    /// TLS layer already refuses revoked sites; this closes the window where a revocation lands
+    /// during a link's setup.)
+    fn admit(&self, peer: Uuid, peer_name: &str) -> Result<(), String>;
+}
+
+/// A site name as skiff allows them: 1-63 of `a-z`, `0-9`, `-`, not starting or ending with
+/// `-`. Names from peers are checked against it before they become link names or labels.
+pub fn valid_site_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
 }
 
 /// A link this site dials.
@@ -455,6 +471,7 @@ impl Router {
     /// link's last error (or a timeout message).
     pub async fn wait_up(&self, name: &str, limit: Duration) -> Result<LinkStatus, String> {
         let mut changed = self.inner.changed.subscribe();
+        let limit = limit.min(Duration::from_secs(3600));
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             let status = self
@@ -504,7 +521,7 @@ impl Inner {
 
     /// Applies `f` to the link table and tells subscribers something changed.
     pub(crate) fn update<R>(&self, f: impl FnOnce(&mut Links) -> R) -> R {
-        let (result, all) = {
+        let result = {
             let mut links = self.lock();
             let result = f(&mut links);
             let all: Vec<LinkStatus> = links
@@ -513,9 +530,10 @@ impl Inner {
                 .map(|l| l.status.clone())
                 .chain(links.incoming.values().map(|l| l.status.clone()))
                 .collect();
-            (result, all)
+            // Under the table lock, so concurrent updates export their snapshots in order.
+            self.metrics.refresh_links(&all);
+            result
         };
-        self.metrics.refresh_links(&all);
         self.changed.send_modify(|n| *n = n.wrapping_add(1));
         result
     }

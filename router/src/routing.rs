@@ -107,7 +107,9 @@ impl Inner {
             .iter()
             .map(|(key, list)| AdvertisedService {
                 key: key.clone(),
-                weight: list.iter().map(|c| c.weight.max(1)).sum(),
+                weight: list
+                    .iter()
+                    .fold(0u32, |sum, c| sum.saturating_add(c.weight.max(1))),
             })
             .collect();
         let mut routing = self.routing();

@@ -62,7 +62,7 @@ pub async fn run(command: LinkCommand, dir: &Path) -> Result<()> {
             let token = std::fs::read_to_string(&token_file)
                 .with_context(|| format!("cannot read token file {}", token_file.display()))?;
             let request = CreateLink {
-                token,
+                token: skiff_control::token::Secret(token),
                 name,
                 cost,
                 wait_secs: Some(wait.as_secs().max(1)),

@@ -46,7 +46,7 @@ pub async fn run(command: TokenCommand, dir: &Path) -> Result<()> {
         .await?;
     match output {
         Some(path) => {
-            write_private(&path, issued.token.as_bytes())
+            write_private(&path, issued.token.0.as_bytes())
                 .with_context(|| format!("cannot write the token to {}", path.display()))?;
             eprintln!(
                 "token {} written to {} (valid until {}, {} use{}); hand it to the other site \
@@ -58,7 +58,7 @@ pub async fn run(command: TokenCommand, dir: &Path) -> Result<()> {
                 if uses == 1 { "" } else { "s" }
             );
         }
-        None => print!("{}", issued.token),
+        None => print!("{}", issued.token.0),
     }
     Ok(())
 }

@@ -278,7 +278,10 @@ async fn open_remote(
     let transport = inner
         .transport_to(next_hop)
         .ok_or_else(|| link("no live link to the next hop".into()))?;
-    let (mut send, mut recv) = transport.open().await.map_err(|e| link(e.to_string()))?;
+    let (mut send, mut recv) = tokio::time::timeout(RESULT_TIMEOUT, transport.open())
+        .await
+        .map_err(|_| ("timeout", "the link took no new stream in time".to_string()))?
+        .map_err(|e| link(e.to_string()))?;
     let mut out = BytesMut::with_capacity(64);
     out.extend_from_slice(&[StreamKind::Connection.to_byte()]);
     header.encode(&mut out);
@@ -484,9 +487,15 @@ async fn transit(
         );
         return refuse(&mut send, ConnectStatus::Unreachable, detail).await;
     };
-    let (mut next_send, next_recv) = match transport.open().await {
-        Ok(pair) => pair,
-        Err(e) => return refuse(&mut send, ConnectStatus::Unreachable, e.to_string()).await,
+    let (mut next_send, next_recv) = match tokio::time::timeout(RESULT_TIMEOUT, transport.open())
+        .await
+    {
+        Ok(Ok(pair)) => pair,
+        Ok(Err(e)) => return refuse(&mut send, ConnectStatus::Unreachable, e.to_string()).await,
+        Err(_) => {
+            let detail = "the next hop took no new stream in time".to_string();
+            return refuse(&mut send, ConnectStatus::Unreachable, detail).await;
+        }
     };
     let mut out = BytesMut::with_capacity(64);
     out.extend_from_slice(&[StreamKind::Connection.to_byte()]);

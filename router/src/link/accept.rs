@@ -89,6 +89,30 @@ pub(crate) async fn run(inner: Arc<Inner>, mut tls: ServerTls) {
     }
 }
 
+/// Removes a pending reverse-connection entry when dropped.
+struct ForgetPending<'a> {
+    inner: &'a Inner,
+    token: [u8; 16],
+}
+
+impl Drop for ForgetPending<'_> {
+    fn drop(&mut self) {
+        let mut pending = self.inner.pending.lock().unwrap_or_else(|e| e.into_inner());
+        pending.waiting.remove(&self.token);
+    }
+}
+
+/// Tells the peer why its link is refused, giving the message a moment to leave before the
+/// caller drops the connection (closing at once can discard unsent data).
+async fn refuse(control: &mut Control, reason: &str) {
+    let message = Message::Refuse {
+        reason: reason.to_string(),
+    };
+    if control.send(&message).await.is_ok() {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 /// Reads the linking site's hello and checks it may link: returns its name and link cost, or
 /// why not (after telling the peer).
 async fn check_hello(
@@ -102,7 +126,14 @@ async fn check_hello(
             site_name,
             cost,
             ..
-        } if site_id == peer => (site_name, cost),
+        } if site_id == peer => {
+            if !crate::valid_site_name(&site_name) {
+                let reason = format!("site name {site_name:.64?} is not a valid site name");
+                refuse(control, &reason).await;
+                return Err(reason);
+            }
+            (site_name, cost)
+        }
         Message::Hello { site_id, .. } => {
             return Err(format!(
                 "hello names site {site_id} but the certificate is site {peer}"
@@ -122,11 +153,12 @@ async fn check_hello(
              two sites are linked once, in one direction",
             inner.config.site_name
         );
-        let _ = control
-            .send(&Message::Refuse {
-                reason: reason.clone(),
-            })
-            .await;
+        refuse(control, &reason).await;
+        return Err(reason);
+    }
+    // A revocation may have landed after this connection's TLS handshake.
+    if let Err(reason) = inner.hooks.admit(peer, &peer_name) {
+        refuse(control, &reason).await;
         return Err(reason);
     }
     Ok((peer_name, cost))
@@ -167,15 +199,16 @@ async fn forward(inner: Arc<Inner>, tls: ServerTls, peer: Uuid, session_token: [
             }
             pending.waiting.insert(session_token, (peer, tx));
         }
+        // However this setup ends (error, timeout, cancellation), its entry must go: stale
+        // entries would fill the map and block every later link.
+        let _forget = ForgetPending {
+            inner: &inner,
+            token: session_token,
+        };
         send_hello(&inner, cost, &mut control).await?;
-        let reverse = tokio::time::timeout(config.handshake_timeout, rx).await;
-        let reverse = match reverse {
+        let reverse = match tokio::time::timeout(config.handshake_timeout, rx).await {
             Ok(Ok(reverse)) => reverse,
-            _ => {
-                let mut pending = inner.pending.lock().unwrap_or_else(|e| e.into_inner());
-                pending.waiting.remove(&session_token);
-                return Err("the peer's reverse connection did not arrive".to_string());
-            }
+            _ => return Err("the peer's reverse connection did not arrive".to_string()),
         };
         let client = ClientHalf::start(reverse, dead.clone())
             .await
@@ -198,8 +231,12 @@ async fn forward(inner: Arc<Inner>, tls: ServerTls, peer: Uuid, session_token: [
     }
 }
 
+/// Most QUIC link handshakes in progress at once; more are refused (the dialer retries).
+const MAX_QUIC_HANDSHAKES: usize = 256;
+
 /// Accepts QUIC links on `endpoint` until the router shuts down.
 pub(crate) async fn serve_quic(inner: Arc<Inner>, endpoint: quinn::Endpoint) {
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_QUIC_HANDSHAKES));
     loop {
         let incoming = tokio::select! {
             incoming = endpoint.accept() => match incoming {
@@ -208,12 +245,29 @@ pub(crate) async fn serve_quic(inner: Arc<Inner>, endpoint: quinn::Endpoint) {
             },
             _ = inner.shutdown.cancelled() => break,
         };
-        tokio::spawn(quic(inner.clone(), incoming));
+        // Unvalidated source addresses must prove they can receive before costing a
+        // handshake (QUIC's retry), and a flood beyond the limit is refused outright.
+        if !incoming.remote_address_validated() {
+            let _ = incoming.retry();
+            continue;
+        }
+        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            incoming.refuse();
+            continue;
+        };
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            quic(inner, incoming, permit).await;
+        });
     }
     endpoint.close(quinn::VarInt::from_u32(0), b"site stopped");
 }
 
-async fn quic(inner: Arc<Inner>, incoming: quinn::Incoming) {
+async fn quic(
+    inner: Arc<Inner>,
+    incoming: quinn::Incoming,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
     let from = incoming.remote_address();
     let config = &inner.config;
     let setup = async {
@@ -249,7 +303,9 @@ async fn quic(inner: Arc<Inner>, incoming: quinn::Incoming) {
             cost,
         ))
     };
-    match tokio::time::timeout(config.handshake_timeout * 2, setup).await {
+    let outcome = tokio::time::timeout(config.handshake_timeout * 2, setup).await;
+    drop(permit);
+    match outcome {
         Ok(Ok((peer, transport, control, peer_name, cost))) => {
             run_incoming(inner, peer, peer_name, cost, transport, control).await
         }

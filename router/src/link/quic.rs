@@ -107,9 +107,10 @@ impl QuicTransport {
         self.conn.rtt()
     }
 
-    /// Bytes received on the connection so far (every packet, not just stream data).
+    /// STREAM frames received so far. Only the peer's router puts data on streams; ACKs and
+    /// keep-alives come from its QUIC stack alone and would keep a stuck router looking alive.
     pub fn received(&self) -> u64 {
-        self.conn.stats().udp_rx.bytes
+        self.conn.stats().frame_rx.stream
     }
 }
 

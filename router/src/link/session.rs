@@ -118,8 +118,8 @@ pub(crate) async fn run(
                     pings.pop_front();
                 }
                 pings.push_back((seq, Instant::now()));
-                if let Err(e) = control.send(&Message::Ping { seq }).await {
-                    break e.to_string();
+                if let Err(e) = send(&mut control, &Message::Ping { seq }, config.dead_after).await {
+                    break e;
                 }
             }
             message = control.next() => {
@@ -194,8 +194,8 @@ pub(crate) async fn run(
                     Message::Hello { .. } => break "peer sent a second hello".into(),
                 };
                 if let Some(reply) = reply {
-                    if let Err(e) = control.send(&reply).await {
-                        break e.to_string();
+                    if let Err(e) = send(&mut control, &reply, config.dead_after).await {
+                        break e;
                     }
                 }
             }
@@ -205,8 +205,9 @@ pub(crate) async fn run(
                 match skiff_certs::generate_csr(config.site_id, &config.site_name) {
                     Ok((key_pem, csr_pem)) => {
                         renewal_key = Some(key_pem);
-                        if let Err(e) = control.send(&Message::RenewRequest { csr_pem }).await {
-                            break e.to_string();
+                        let request = Message::RenewRequest { csr_pem };
+                        if let Err(e) = send(&mut control, &request, config.dead_after).await {
+                            break e;
                         }
                     }
                     Err(e) => tracing::error!(error = %e, "cannot make a renewal request"),
@@ -223,8 +224,9 @@ pub(crate) async fn run(
                         continue;
                     }
                     told.insert(adv.origin, adv.seq);
-                    if let Err(e) = control.send(&Message::Advertise((**adv).clone())).await {
-                        failed = Some(e.to_string());
+                    let message = Message::Advertise((**adv).clone());
+                    if let Err(e) = send(&mut control, &message, config.dead_after).await {
+                        failed = Some(e);
                         break;
                     }
                 }
@@ -255,6 +257,22 @@ pub(crate) async fn run(
     reason
 }
 
+/// Sends a control message, bounded in time: a send stuck on flow control must not keep the
+/// session loop (and with it the dead-peer check and cancellation) waiting forever.
+async fn send(
+    control: &mut ControlChannel<AnySend, AnyRecv>,
+    message: &Message,
+    limit: Duration,
+) -> Result<(), String> {
+    match tokio::time::timeout(limit, control.send(message)).await {
+        Ok(result) => result.map_err(|e| e.to_string()),
+        Err(_) => Err(format!(
+            "peer did not take a control message for {} ms",
+            limit.as_millis()
+        )),
+    }
+}
+
 fn set_status(inner: &Inner, role: &Role<'_>, peer: Uuid, f: impl FnOnce(&mut crate::LinkStatus)) {
     match role {
         Role::Dialer { name, .. } => inner.set_outgoing(name, f),
@@ -267,6 +285,10 @@ fn accept_renewal(inner: &Inner, name: &str, renewed: &CertifiedKey) -> Result<(
     let id = renewed.site_id().map_err(|e| e.to_string())?;
     if id != inner.config.site_id {
         return Err(format!("renewed certificate names site {id}"));
+    }
+    // A late answer to an earlier request would carry the earlier key's certificate.
+    if !skiff_certs::cert_matches_key(&renewed.cert_pem, &renewed.key_pem).unwrap_or(false) {
+        return Err("renewed certificate is not for the key this site sent".into());
     }
     inner.hooks.renewed(name, renewed)
 }

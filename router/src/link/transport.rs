@@ -54,8 +54,8 @@ pub trait Transport: Send + Sync + 'static {
     fn closed(&self) -> impl Future<Output = ()> + Send;
     /// Closes the transport; every open stream fails with [`StreamError::LinkClosed`].
     fn close(&self);
-    /// Bytes received from the peer so far, at the connection level. Liveness checks use it:
-    /// a peer whose packets keep arriving is alive even when flow control or a busy link
-    /// delays its heartbeats.
+    /// A counter that grows whenever the peer's router sends anything on the link (bytes for
+    /// TLS, stream frames for QUIC). Liveness checks use it: a peer whose data keeps arriving
+    /// is alive even when a busy link delays its heartbeats.
     fn received(&self) -> u64;
 }
