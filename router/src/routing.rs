@@ -166,8 +166,9 @@ pub(crate) async fn refresh(inner: Weak<Inner>) {
             return;
         }
         inner.reoriginate();
+        let alive: std::collections::HashSet<Uuid> = inner.live_links().keys().copied().collect();
         let mut routing = inner.routing();
-        if routing.lsdb.expire(Instant::now(), MAX_AGE) {
+        if routing.lsdb.expire(Instant::now(), MAX_AGE, &alive) {
             inner.publish(&routing);
         }
     }

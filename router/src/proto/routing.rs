@@ -157,12 +157,21 @@ impl Lsdb {
         }
     }
 
-    /// Drops other routers' advertisements not refreshed within `max_age`; true if any went.
-    pub fn expire(&mut self, now: Instant, max_age: Duration) -> bool {
+    /// Drops other routers' advertisements not refreshed within `max_age`, except those of
+    /// `alive` (neighbours whose links are up: on a saturated link their refreshes may be
+    /// queued behind data, but the link itself proves them alive). True if any went.
+    pub fn expire(
+        &mut self,
+        now: Instant,
+        max_age: Duration,
+        alive: &std::collections::HashSet<Uuid>,
+    ) -> bool {
         let own = self.own;
         let before = self.entries.len();
         self.entries.retain(|origin, entry| {
-            *origin == own || now.saturating_duration_since(entry.refreshed) <= max_age
+            *origin == own
+                || alive.contains(origin)
+                || now.saturating_duration_since(entry.refreshed) <= max_age
         });
         self.entries.len() != before
     }
@@ -429,8 +438,18 @@ mod tests {
         assert!(db.compute().routes.is_empty());
         let own = advertisements(2, &[], 99).remove(0);
         assert!(!db.receive(own, t0), "nobody else speaks for this router");
-        assert!(!db.expire(t0 + Duration::from_secs(5), Duration::from_secs(10)));
-        assert!(db.expire(t0 + Duration::from_secs(11), Duration::from_secs(10)));
+        let none = std::collections::HashSet::new();
+        let alive: std::collections::HashSet<Uuid> = [id(1)].into_iter().collect();
+        assert!(!db.expire(t0 + Duration::from_secs(5), Duration::from_secs(10), &none));
+        assert!(
+            !db.expire(
+                t0 + Duration::from_secs(11),
+                Duration::from_secs(10),
+                &alive
+            ),
+            "a neighbour with a live link keeps its advertisement"
+        );
+        assert!(db.expire(t0 + Duration::from_secs(11), Duration::from_secs(10), &none));
         assert!(db.get(id(1)).is_none());
         assert!(db.get(id(0)).is_some(), "own advertisement never ages out");
     }
