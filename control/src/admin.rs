@@ -371,7 +371,9 @@ pub async fn serve(listener: UnixListener, handler: Handler, shutdown: Cancellat
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(e) => {
+                    // Usually fd exhaustion: back off instead of spinning.
                     tracing::warn!(error = %e, "admin socket accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }
             },

@@ -282,10 +282,7 @@ async fn open_remote(
         .await
         .map_err(|_| ("timeout", "the link took no new stream in time".to_string()))?
         .map_err(|e| link(e.to_string()))?;
-    let mut out = BytesMut::with_capacity(64);
-    out.extend_from_slice(&[StreamKind::Connection.to_byte()]);
-    header.encode(&mut out);
-    send.send(out.freeze())
+    send.send(opening(header))
         .await
         .map_err(|e| link(e.to_string()))?;
     let mut buf = BytesMut::new();
@@ -312,6 +309,14 @@ async fn open_remote(
     };
     send.reset();
     Err((reason, format!("{:?}: {}", result.status, result.detail)))
+}
+
+/// The first bytes of a carried connection's stream: the stream kind, then the header.
+fn opening(header: &StreamHeader) -> Bytes {
+    let mut out = BytesMut::with_capacity(64);
+    out.extend_from_slice(&[StreamKind::Connection.to_byte()]);
+    header.encode(&mut out);
+    out.freeze()
 }
 
 /// Connects to one of this site's connectors for `key`, trying each (in weighted turn) until
@@ -497,10 +502,7 @@ async fn transit(
             return refuse(&mut send, ConnectStatus::Unreachable, detail).await;
         }
     };
-    let mut out = BytesMut::with_capacity(64);
-    out.extend_from_slice(&[StreamKind::Connection.to_byte()]);
-    header.encode(&mut out);
-    if let Err(e) = next_send.send(out.freeze()).await {
+    if let Err(e) = next_send.send(opening(&header)).await {
         return refuse(&mut send, ConnectStatus::Unreachable, e.to_string()).await;
     }
     let hop = table.name(route.next_hop);

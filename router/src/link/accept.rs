@@ -24,7 +24,7 @@ use super::transport::Transport;
 use super::{AnyRecv, AnySend, LinkTransport};
 use crate::proto::preface::{CONN_PREFACE_LEN, LINK_ACCEPTED};
 use crate::proto::{ConnPreface, ConnRole, Message};
-use crate::{Direction, Inner, LinkState, LinkStatus, ALPN_LINK, VERSION};
+use crate::{Direction, Inner, LinkState, LinkStatus, ALPN_LINK};
 
 type Control = ControlChannel<AnySend, AnyRecv>;
 
@@ -166,12 +166,7 @@ async fn check_hello(
 
 async fn send_hello(inner: &Inner, cost: u32, control: &mut Control) -> Result<(), String> {
     control
-        .send(&Message::Hello {
-            site_id: inner.config.site_id,
-            site_name: inner.config.site_name.clone(),
-            version: VERSION.into(),
-            cost,
-        })
+        .send(&super::hello(&inner.config, cost))
         .await
         .map_err(|e| e.to_string())
 }

@@ -21,7 +21,7 @@ use super::transport::Transport;
 use super::{AnyRecv, AnySend, LinkTransport, TransportChoice};
 use crate::proto::preface::LINK_ACCEPTED;
 use crate::proto::{ConnPreface, ConnRole, Message};
-use crate::{Inner, LinkState, OutgoingLink, ALPN_LINK, VERSION};
+use crate::{Inner, LinkState, OutgoingLink, ALPN_LINK};
 
 /// Keeps `link` up until `cancel` fires.
 pub(crate) async fn run(inner: Arc<Inner>, link: OutgoingLink, cancel: CancellationToken) {
@@ -190,14 +190,8 @@ async fn hello(
     endpoint: &str,
     control: &mut Control,
 ) -> Result<(), String> {
-    let config = &inner.config;
     control
-        .send(&Message::Hello {
-            site_id: config.site_id,
-            site_name: config.site_name.clone(),
-            version: VERSION.into(),
-            cost: link.cost,
-        })
+        .send(&super::hello(&inner.config, link.cost))
         .await
         .map_err(|e| format!("{endpoint}: {e}"))?;
     match control.next().await {

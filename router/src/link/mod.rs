@@ -20,6 +20,16 @@ use quic::{QuicRecv, QuicSend, QuicTransport};
 use tls::{H2Recv, H2Send, TlsTransport};
 use transport::{RecvStream, SendStream, StreamError, Transport};
 
+/// This router's hello for a link with routing cost `cost` (both sides send one).
+pub(crate) fn hello(config: &crate::Config, cost: u32) -> crate::proto::Message {
+    crate::proto::Message::Hello {
+        site_id: config.site_id,
+        site_name: config.site_name.clone(),
+        version: crate::VERSION.into(),
+        cost,
+    }
+}
+
 /// Which transport carries a link.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TransportKind {
