@@ -141,6 +141,20 @@ pub struct TokenIssued {
     pub expires: String,
 }
 
+/// A grant (an issued token) as `GET /v1/grants` lists it: never its code.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct GrantView {
+    /// The grant's id (the token's name).
+    pub id: String,
+    /// Redemptions left.
+    pub uses_left: u32,
+    /// Expiry (RFC 3339).
+    pub expires: String,
+    /// True once it can no longer be redeemed (used up or expired).
+    pub spent: bool,
+}
+
 /// Body of `POST /v1/revocations`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -441,8 +455,13 @@ pub enum ClientError {
         reason: String,
     },
     /// The daemon answered with an error.
-    #[error("{0}")]
-    Api(String),
+    #[error("{message}")]
+    Api {
+        /// The HTTP status (404: no such object, 409: conflict, 504: created but not up, ...).
+        status: u16,
+        /// What the daemon said.
+        message: String,
+    },
     /// The exchange itself failed.
     #[error("admin API: {0}")]
     Protocol(String),
@@ -530,7 +549,10 @@ impl Client {
             let message = serde_json::from_slice::<ApiError>(&bytes)
                 .map(|e| e.error)
                 .unwrap_or_else(|_| format!("daemon answered {status}"));
-            return Err(ClientError::Api(message));
+            return Err(ClientError::Api {
+                status: status.as_u16(),
+                message,
+            });
         }
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))
     }

@@ -9,12 +9,14 @@
 //! - [`picture`]: the network drawn as SVG and as Graphviz DOT;
 //! - [`logs`]: recent log lines kept for `skiff debug dump`;
 //! - [`crd`]: the Kubernetes custom resources;
+//! - [`controller`]: `site run --kube`, the daemon as the controller of its namespace;
 //! - [`site`]: the site daemon, which composes the router, the grant server and the admin API.
 
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod claim;
+pub mod controller;
 pub mod crd;
 pub mod http;
 pub mod logs;

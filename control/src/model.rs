@@ -33,6 +33,12 @@ pub struct SiteConfig {
     pub metrics_addr: Option<String>,
     /// Lifetime of the client certificates this site issues, in seconds.
     pub cert_lifetime_secs: u64,
+    /// The TCP port other sites dial when it differs from `link_port` (a Kubernetes NodePort).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertised_port: Option<u16>,
+    /// The UDP port other sites dial for QUIC when it differs from `quic_port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertised_quic_port: Option<u16>,
 }
 
 impl SiteConfig {
@@ -43,13 +49,24 @@ impl SiteConfig {
 
     /// `host:port` of each link host.
     pub fn endpoints(&self) -> Vec<String> {
-        host_ports(&self.link_hosts, self.link_port)
+        self.endpoints_on(self.link_port)
     }
 
     /// `host:port` of each link host on the QUIC port (empty when QUIC is off).
     pub fn quic_endpoints(&self) -> Vec<String> {
-        match self.quic_port {
-            Some(port) => host_ports(&self.link_hosts, port),
+        self.quic_endpoints_on(self.quic_port)
+    }
+
+    /// The endpoints tokens name when the daemon listens for links on `listening`: the
+    /// advertised port if one is set, else `listening`.
+    pub fn endpoints_on(&self, listening: u16) -> Vec<String> {
+        host_ports(&self.link_hosts, self.advertised_port.unwrap_or(listening))
+    }
+
+    /// Like [`SiteConfig::endpoints_on`] for QUIC (empty when QUIC is off).
+    pub fn quic_endpoints_on(&self, listening: Option<u16>) -> Vec<String> {
+        match listening {
+            Some(port) => host_ports(&self.link_hosts, self.advertised_quic_port.unwrap_or(port)),
             None => Vec::new(),
         }
     }
@@ -268,8 +285,15 @@ mod tests {
             quic_port: None,
             metrics_addr: None,
             cert_lifetime_secs: 1,
+            advertised_port: None,
+            advertised_quic_port: Some(7),
         };
         assert_eq!(config.endpoints(), ["example.com:1", "[::1]:1"]);
+        assert_eq!(
+            config.quic_endpoints_on(Some(2)),
+            ["example.com:7", "[::1]:7"]
+        );
+        assert!(config.quic_endpoints_on(None).is_empty());
     }
 
     #[test]

@@ -92,6 +92,8 @@ pub fn init(store: &Store, options: InitOptions) -> Result<SiteConfig, Error> {
         quic_port: options.quic_port,
         metrics_addr: options.metrics_addr,
         cert_lifetime_secs: options.cert_lifetime.as_secs(),
+        advertised_port: None,
+        advertised_quic_port: None,
     };
     store.create_dir()?;
     let authority = Authority::generate(config.id, &config.name)?;
@@ -606,6 +608,10 @@ impl Site {
                 Ok(body) => self.issue_token(body),
                 Err(e) => e,
             },
+            (&Method::GET, "/v1/grants") => admin::ok(&self.grant_views()),
+            (&Method::DELETE, p) if p.starts_with("/v1/grants/") => {
+                self.delete_grant(&p["/v1/grants/".len()..])
+            }
             (&Method::POST, "/v1/revocations") => match admin::parse(&req.body) {
                 Ok(body) => self.revoke(body),
                 Err(e) => e,
@@ -688,14 +694,11 @@ impl Site {
     }
 
     fn endpoints(&self) -> Vec<String> {
-        model::host_ports(&self.core.config.link_hosts, self.link_port)
+        self.core.config.endpoints_on(self.link_port)
     }
 
     fn quic_endpoints(&self) -> Vec<String> {
-        match self.quic_port {
-            Some(port) => model::host_ports(&self.core.config.link_hosts, port),
-            None => Vec::new(),
-        }
+        self.core.config.quic_endpoints_on(self.quic_port)
     }
 
     fn link_views(&self) -> Vec<admin::LinkView> {
@@ -914,6 +917,43 @@ impl Site {
                 };
                 admin::error(StatusCode::NOT_FOUND, message)
             }
+            Err(e) => admin::error(StatusCode::INSUFFICIENT_STORAGE, e.to_string()),
+        }
+    }
+
+    fn grant_views(&self) -> Vec<admin::GrantView> {
+        let now = model::unix_now();
+        self.core
+            .lock()
+            .grants
+            .iter()
+            .map(|g| admin::GrantView {
+                id: g.id.clone(),
+                uses_left: g.uses_left,
+                expires: model::rfc3339(g.expires),
+                spent: g.uses_left == 0 || g.expires <= now,
+            })
+            .collect()
+    }
+
+    /// Withdraws a grant: its token can no longer be redeemed (links made with it stay).
+    fn delete_grant(&self, id: &str) -> ApiResponse {
+        let removed = self.core.change(|state| {
+            let before = state.grants.len();
+            state.grants.retain(|g| g.id != id);
+            if before == state.grants.len() {
+                return Err(Error::Invalid(format!(
+                    "no grant {id} (see GET /v1/grants)"
+                )));
+            }
+            Ok(())
+        });
+        match removed {
+            Ok(()) => {
+                tracing::info!(grant = %id, "grant withdrawn");
+                admin::ok(&serde_json::json!({}))
+            }
+            Err(e @ Error::Invalid(_)) => admin::error(StatusCode::NOT_FOUND, e.to_string()),
             Err(e) => admin::error(StatusCode::INSUFFICIENT_STORAGE, e.to_string()),
         }
     }

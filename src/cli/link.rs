@@ -28,6 +28,9 @@ pub enum LinkCommand {
         /// How long to wait for the link to come up.
         #[arg(long, value_parser = super::parse_duration, default_value = "30s", value_name = "DURATION")]
         wait: Duration,
+        /// `-o yaml`: print the AccessToken resource (for GitOps) instead of redeeming here.
+        #[arg(short = 'o', long = "output", value_parser = ["yaml"])]
+        output: Option<String>,
     },
     /// Show links, outgoing and incoming: state, peer site, RTT.
     Status {
@@ -58,7 +61,13 @@ pub async fn run(command: LinkCommand, dir: &Path) -> Result<()> {
             cost,
             transport,
             wait,
+            output,
         } => {
+            if output.is_some() {
+                let resource = super::cluster::token_resource(&token_file)?;
+                print!("{}", serde_yaml_ng::to_string(&resource)?);
+                return Ok(());
+            }
             let token = std::fs::read_to_string(&token_file)
                 .with_context(|| format!("cannot read token file {}", token_file.display()))?;
             let request = CreateLink {

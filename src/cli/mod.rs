@@ -1,5 +1,6 @@
 //! Command-line interface: flags and the dispatch to each command group.
 
+mod cluster;
 mod debug;
 mod demo;
 mod link;
@@ -27,7 +28,12 @@ pub struct Args {
     #[arg(long, global = true, value_name = "FILTER")]
     pub log: Option<String>,
 
-    /// Kubernetes namespace for resources printed with `-o yaml` (GitOps).
+    /// Act on a Kubernetes cluster's skiff resources (KUBECONFIG, or the in-cluster config)
+    /// instead of a local site; with `site run`, run as the namespace's controller.
+    #[arg(long, global = true)]
+    pub kube: bool,
+
+    /// Kubernetes namespace (with --kube, and for resources printed with `-o yaml`).
     #[arg(long, global = true, env = "SKIFF_NAMESPACE", value_name = "NS")]
     pub namespace: Option<String>,
 
@@ -144,17 +150,39 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Tee {
 /// Runs one command.
 pub async fn run(args: Args, recent_logs: skiff_control::logs::Recent) -> Result<()> {
     let state_dir = state_dir(args.state_dir.clone())?;
-    match args.command {
+    if args.kube {
+        return cluster::run(
+            args.command,
+            args.namespace.as_deref(),
+            state_dir,
+            recent_logs,
+        )
+        .await;
+    }
+    run_local(
+        args.command,
+        &state_dir,
+        args.namespace.as_deref(),
+        recent_logs,
+    )
+    .await
+}
+
+/// Runs `command` against the local site in `state_dir`.
+pub async fn run_local(
+    command: Command,
+    state_dir: &std::path::Path,
+    namespace: Option<&str>,
+    recent_logs: skiff_control::logs::Recent,
+) -> Result<()> {
+    let state_dir = state_dir.to_path_buf();
+    match command {
         Command::Site(command) => site::run(command, &state_dir, recent_logs).await,
         Command::Debug(command) => debug::run(command, &state_dir).await,
         Command::Token(command) => token::run(command, &state_dir).await,
         Command::Link(command) => link::run(command, &state_dir).await,
-        Command::Connector(command) => {
-            service::connector(command, &state_dir, args.namespace.as_deref()).await
-        }
-        Command::Listener(command) => {
-            service::listener(command, &state_dir, args.namespace.as_deref()).await
-        }
+        Command::Connector(command) => service::connector(command, &state_dir, namespace).await,
+        Command::Listener(command) => service::listener(command, &state_dir, namespace).await,
         Command::Network(command) => service::network(command, &state_dir).await,
         Command::Status { output } => site::status(&state_dir, output).await,
         Command::Crd => {

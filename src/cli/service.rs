@@ -12,7 +12,7 @@ use super::output::{self, table, Format};
 use skiff_control::crd;
 
 /// Parses a `key=value` label.
-fn parse_label(text: &str) -> Result<(String, String), String> {
+pub(crate) fn parse_label(text: &str) -> Result<(String, String), String> {
     match text.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
         _ => Err(format!("{text:?} is not a label: write key=value")),

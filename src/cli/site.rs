@@ -46,6 +46,14 @@ pub enum SiteCommand {
         /// Do not log a line per closed carried connection (target `skiff::access`).
         #[arg(long)]
         no_access_log: bool,
+        /// Serve /metrics, /healthz and /readyz here (default: the site's setting; with
+        /// --kube, where the probes look).
+        #[arg(long, value_name = "ADDR:PORT")]
+        metrics_addr: Option<SocketAddr>,
+        /// With --kube: labels of the router pods, which the Services the controller creates
+        /// select (repeatable; default app.kubernetes.io/name=skiff).
+        #[arg(long, value_name = "KEY=VALUE", value_parser = super::service::parse_label)]
+        router_selector: Vec<(String, String)>,
     },
 }
 
@@ -106,20 +114,35 @@ pub async fn run(
             );
             Ok(())
         }
-        SiteCommand::Run { no_access_log } => {
+        SiteCommand::Run {
+            no_access_log,
+            metrics_addr,
+            router_selector,
+        } => {
+            anyhow::ensure!(
+                router_selector.is_empty(),
+                "--router-selector is for the Kubernetes controller: add --kube"
+            );
             let options = RunOptions {
                 access_log: !no_access_log,
                 recent_logs: Some(recent_logs),
             };
-            run_daemon(dir, options).await
+            run_daemon(dir, options, metrics_addr).await
         }
     }
 }
 
-async fn run_daemon(dir: &Path, options: RunOptions) -> Result<()> {
+async fn run_daemon(
+    dir: &Path,
+    options: RunOptions,
+    metrics_addr: Option<SocketAddr>,
+) -> Result<()> {
     let store = Store::new(dir);
     // Bad config stops the daemon before it binds anything.
-    let config = store.load_config()?;
+    let mut config = store.load_config()?;
+    if let Some(addr) = metrics_addr {
+        config.metrics_addr = Some(addr.to_string());
+    }
     let link = tokio::net::TcpListener::bind(("0.0.0.0", config.link_port))
         .await
         .with_context(|| {

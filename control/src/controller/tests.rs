@@ -1,0 +1,766 @@
+//! The reconcilers against real site daemons (in this process, on loopback) and two kinds of
+//! API server: tower-test's mock, where each test states the exact requests it expects
+//! (`ApiServerVerifier` scenarios), and the in-memory [`FakeApi`], for whole flows.
+
+use std::collections::BTreeMap;
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Method, Request, Response};
+use http_body_util::BodyExt;
+use kube::client::Body;
+use kube::runtime::controller::Action;
+use kube::ResourceExt;
+use serde_json::{json, Value};
+use tempfile::TempDir;
+use tokio_util::sync::CancellationToken;
+
+use super::fake::FakeApi;
+use super::reconcile::{self, Context, FINALIZER};
+use super::resources;
+use crate::admin::{self, ConnectorView, LinkView, ListenerView};
+use crate::crd::{
+    AccessGrant, AccessTokenResource, Connector, ConnectorSpec, Link, Listener, ListenerSpec,
+};
+
+const NS: &str = "skiff";
+const LISTENERS: &str = "/apis/skiff.dev/v1alpha1/namespaces/skiff/listeners";
+const CONNECTORS: &str = "/apis/skiff.dev/v1alpha1/namespaces/skiff/connectors";
+const GRANTS: &str = "/apis/skiff.dev/v1alpha1/namespaces/skiff/accessgrants";
+const TOKENS: &str = "/apis/skiff.dev/v1alpha1/namespaces/skiff/accesstokens";
+const LINKS: &str = "/apis/skiff.dev/v1alpha1/namespaces/skiff/links";
+const SERVICES: &str = "/api/v1/namespaces/skiff/services";
+const SECRETS: &str = "/api/v1/namespaces/skiff/secrets";
+const SLICES: &str = "/apis/discovery.k8s.io/v1/namespaces/skiff/endpointslices";
+
+/// A site daemon running in this process.
+struct TestSite {
+    dir: TempDir,
+    stop: CancellationToken,
+}
+
+impl TestSite {
+    async fn start(name: &str) -> TestSite {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::Store::new(dir.path());
+        crate::init(
+            &store,
+            crate::InitOptions {
+                name: name.into(),
+                link_hosts: vec!["127.0.0.1".into()],
+                link_port: 0,
+                quic_port: None,
+                metrics_addr: None,
+                cert_lifetime: Duration::from_secs(3600),
+            },
+        )
+        .unwrap();
+        let listeners = crate::Listeners {
+            link: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            admin: admin::bind(&store.admin_socket()).unwrap(),
+            metrics: None,
+            quic: None,
+        };
+        let stop = CancellationToken::new();
+        let options = crate::site::RunOptions {
+            access_log: false,
+            recent_logs: None,
+        };
+        tokio::spawn(crate::site::run_with(
+            store,
+            listeners,
+            options,
+            stop.clone(),
+        ));
+        let site = TestSite { dir, stop };
+        for _ in 0..100 {
+            if site
+                .admin()
+                .get::<admin::StatusView>("/v1/status")
+                .await
+                .is_ok()
+            {
+                return site;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("site {name} did not start");
+    }
+
+    fn admin(&self) -> admin::Client {
+        admin::Client::new(self.dir.path())
+    }
+
+    fn context(&self, client: kube::Client) -> Arc<Context> {
+        Arc::new(Context {
+            client,
+            namespace: NS.into(),
+            site: self.admin(),
+            router_selector: BTreeMap::from([(
+                "app.kubernetes.io/name".to_string(),
+                "skiff".to_string(),
+            )]),
+        })
+    }
+}
+
+impl Drop for TestSite {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("0.0.0.0:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn listener_object(port: u16) -> Listener {
+    let mut listener = Listener::new(
+        "web",
+        ListenerSpec {
+            routing_key: "web".into(),
+            port,
+            host: None,
+            strategy: None,
+        },
+    );
+    listener.metadata.namespace = Some(NS.into());
+    listener.metadata.uid = Some("uid-listener".into());
+    listener.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    listener
+}
+
+fn connector_object() -> Connector {
+    let mut connector = Connector::new(
+        "db",
+        ConnectorSpec {
+            routing_key: "db".into(),
+            port: 5432,
+            selector: Some(BTreeMap::from([("app".into(), "db".into())])),
+            host: None,
+            weight: None,
+        },
+    );
+    connector.metadata.namespace = Some(NS.into());
+    connector.metadata.uid = Some("uid-connector".into());
+    connector.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    connector
+}
+
+fn slice(addresses: &[(&str, bool)]) -> Value {
+    json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": "skiff-connector-db-abcde",
+            "namespace": NS,
+            "labels": {"kubernetes.io/service-name": "skiff-connector-db"},
+        },
+        "addressType": "IPv4",
+        "endpoints": addresses.iter().map(|(ip, ready)| json!({
+            "addresses": [ip], "conditions": {"ready": ready},
+        })).collect::<Vec<_>>(),
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// ApiServerVerifier scenarios: the exact requests, in order.
+
+type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+fn mock_client() -> (kube::Client, Handle) {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    (kube::Client::new(service, NS), handle)
+}
+
+/// Takes the next request, checks method and path, and returns its JSON body.
+async fn expect(
+    handle: &mut std::pin::Pin<&mut Handle>,
+    method: Method,
+    path: &str,
+) -> (
+    Value,
+    tower_test::mock::SendResponse<Response<Body>>,
+    String,
+) {
+    let (request, send) = tokio::time::timeout(Duration::from_secs(10), handle.next_request())
+        .await
+        .unwrap_or_else(|_| panic!("no request came; expected {method} {path}"))
+        .expect("the client went away");
+    assert_eq!(request.method(), method, "{}", request.uri());
+    assert_eq!(request.uri().path(), path);
+    let uri = request.uri().to_string();
+    let bytes = request.into_body().collect().await.unwrap().to_bytes();
+    let body = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes).unwrap()
+    };
+    (body, send, uri)
+}
+
+fn respond(send: tower_test::mock::SendResponse<Response<Body>>, value: &Value) {
+    send.send_response(Response::new(Body::from(
+        serde_json::to_vec(value).unwrap(),
+    )));
+}
+
+fn respond_not_found(send: tower_test::mock::SendResponse<Response<Body>>) {
+    let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+        "reason": "NotFound", "code": 404, "message": "not found", "metadata": {}});
+    let mut response = Response::new(Body::from(serde_json::to_vec(&status).unwrap()));
+    *response.status_mut() = http::StatusCode::NOT_FOUND;
+    send.send_response(response);
+}
+
+#[tokio::test]
+async fn verifier_a_listener_gets_its_service_and_its_status() {
+    let site = TestSite::start("dev").await;
+    let (client, handle) = mock_client();
+    let ctx = site.context(client);
+    let port = free_port();
+    let listener = listener_object(port);
+    let verifier = tokio::spawn(async move {
+        let mut handle = pin!(handle);
+        let (_, send, _) = expect(&mut handle, Method::GET, &format!("{SERVICES}/web")).await;
+        respond_not_found(send);
+        let (service, send, uri) =
+            expect(&mut handle, Method::PATCH, &format!("{SERVICES}/web")).await;
+        assert!(uri.contains("fieldManager=skiff"), "{uri}");
+        assert_eq!(service["spec"]["type"], "ClusterIP");
+        assert_eq!(service["spec"]["ports"][0]["port"], port);
+        assert_eq!(service["spec"]["ports"][0]["targetPort"], port);
+        assert_eq!(
+            service["spec"]["selector"]["app.kubernetes.io/name"],
+            "skiff"
+        );
+        assert_eq!(
+            service["metadata"]["ownerReferences"][0]["uid"],
+            "uid-listener"
+        );
+        assert_eq!(
+            service["metadata"]["ownerReferences"][0]["kind"],
+            "Listener"
+        );
+        respond(send, &service);
+        let (patch, send, _) = expect(
+            &mut handle,
+            Method::PATCH,
+            &format!("{LISTENERS}/web/status"),
+        )
+        .await;
+        let conditions = patch["status"]["conditions"].as_array().unwrap().clone();
+        let ready = conditions.iter().find(|c| c["type"] == "Ready").unwrap();
+        assert_eq!(ready["status"], "False");
+        assert_eq!(ready["reason"], "NoTargets");
+        assert!(ready["message"]
+            .as_str()
+            .unwrap()
+            .contains("routing key web"));
+        respond(
+            send,
+            &json!({"apiVersion": "skiff.dev/v1alpha1", "kind": "Listener",
+            "metadata": {"name": "web"}, "spec": {"routingKey": "web", "port": port},
+            "status": patch["status"]}),
+        );
+    });
+    let action = reconcile::listener(Arc::new(listener), ctx).await.unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(15)));
+    verifier.await.unwrap();
+    let listeners: Vec<ListenerView> = site.admin().get("/v1/listeners").await.unwrap();
+    assert_eq!(listeners.len(), 1);
+    assert_eq!(
+        (listeners[0].bind.as_str(), listeners[0].port),
+        ("0.0.0.0", port)
+    );
+    // The port is really open.
+    tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn verifier_connector_backends_follow_the_ready_pods() {
+    let site = TestSite::start("prod").await;
+    let (client, handle) = mock_client();
+    let ctx = site.context(client);
+    let connector = connector_object();
+    let service_path = format!("{SERVICES}/skiff-connector-db");
+    let rounds = [
+        vec![("10.0.0.5", true), ("10.0.0.6", false)],
+        vec![("10.0.0.5", false), ("10.0.0.7", true), ("10.0.0.8", true)],
+    ];
+    let expected_endpoints = [
+        vec!["10.0.0.5:5432"],
+        vec!["10.0.0.7:5432", "10.0.0.8:5432"],
+    ];
+    // Round 1: one ready pod. Round 2: it is gone, two others are ready.
+    let mut handle_slot = Some(handle);
+    let mut ctx_slot = Some(ctx);
+    for (round, pods) in rounds.into_iter().enumerate() {
+        let handle = match handle_slot.take() {
+            Some(h) => h,
+            None => {
+                let (client, h) = mock_client();
+                ctx_slot = Some(site.context(client));
+                h
+            }
+        };
+        let ctx = ctx_slot.take().unwrap();
+        let expected = expected_endpoints[round].clone();
+        let service_path = service_path.clone();
+        let verifier = tokio::spawn(async move {
+            let mut handle = pin!(handle);
+            let (_, send, _) = expect(&mut handle, Method::GET, &service_path).await;
+            if round == 0 {
+                respond_not_found(send);
+            } else {
+                respond(
+                    send,
+                    &json!({"apiVersion": "v1", "kind": "Service",
+                    "metadata": {"name": "skiff-connector-db", "ownerReferences": [
+                        {"apiVersion": "skiff.dev/v1alpha1", "kind": "Connector", "name": "db",
+                         "uid": "uid-connector", "controller": true}]}}),
+                );
+            }
+            let (service, send, _) = expect(&mut handle, Method::PATCH, &service_path).await;
+            assert_eq!(service["spec"]["clusterIP"], "None", "headless");
+            assert_eq!(service["spec"]["selector"]["app"], "db");
+            respond(send, &service);
+            let (_, send, uri) = expect(&mut handle, Method::GET, SLICES).await;
+            assert!(
+                uri.contains("labelSelector=kubernetes.io%2Fservice-name%3Dskiff-connector-db"),
+                "{uri}"
+            );
+            respond(
+                send,
+                &json!({"apiVersion": "v1", "kind": "List", "metadata": {},
+                "items": [slice(&pods)]}),
+            );
+            let (patch, send, _) = expect(
+                &mut handle,
+                Method::PATCH,
+                &format!("{CONNECTORS}/db/status"),
+            )
+            .await;
+            assert_eq!(patch["status"]["endpoints"], json!(expected));
+            let ready = patch["status"]["conditions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["type"] == "Ready")
+                .unwrap()
+                .clone();
+            assert_eq!(ready["status"], "True");
+            respond(
+                send,
+                &json!({"apiVersion": "skiff.dev/v1alpha1", "kind": "Connector",
+                "metadata": {"name": "db"}, "spec": {"routingKey": "db", "port": 5432}}),
+            );
+        });
+        reconcile::connector(Arc::new(connector.clone()), ctx)
+            .await
+            .unwrap();
+        verifier.await.unwrap();
+        let mut backends: Vec<ConnectorView> = site.admin().get("/v1/connectors").await.unwrap();
+        backends.sort_by(|a, b| a.name.cmp(&b.name));
+        let hosts: Vec<String> = backends
+            .iter()
+            .map(|c| format!("{}:{}", c.host, c.port))
+            .collect();
+        assert_eq!(hosts, expected_endpoints[round]);
+        assert!(backends.iter().all(|c| c.routing_key == "db"));
+    }
+}
+
+#[tokio::test]
+async fn verifier_deleting_a_listener_closes_it_and_drops_the_finalizer() {
+    let site = TestSite::start("dev").await;
+    let port = free_port();
+    site.admin()
+        .post::<_, ListenerView>(
+            "/v1/listeners",
+            &admin::CreateListener {
+                name: Some("web".into()),
+                routing_key: "web".into(),
+                port,
+                bind: Some("0.0.0.0".into()),
+                strategy: None,
+            },
+        )
+        .await
+        .unwrap();
+    let (client, handle) = mock_client();
+    let ctx = site.context(client);
+    let mut listener = listener_object(port);
+    listener.metadata.deletion_timestamp =
+        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+        ));
+    let verifier = tokio::spawn(async move {
+        let mut handle = pin!(handle);
+        let (patch, send, _) =
+            expect(&mut handle, Method::PATCH, &format!("{LISTENERS}/web")).await;
+        // A JSON patch that tests and removes exactly our finalizer.
+        let ops = patch.as_array().unwrap();
+        assert!(ops
+            .iter()
+            .any(|op| op["op"] == "remove" && op["path"] == "/metadata/finalizers/0"));
+        assert!(ops
+            .iter()
+            .any(|op| op["op"] == "test" && op["value"] == FINALIZER));
+        respond(
+            send,
+            &json!({"apiVersion": "skiff.dev/v1alpha1", "kind": "Listener",
+            "metadata": {"name": "web"}, "spec": {"routingKey": "web", "port": port}}),
+        );
+    });
+    reconcile::listener(Arc::new(listener), ctx).await.unwrap();
+    verifier.await.unwrap();
+    let listeners: Vec<ListenerView> = site.admin().get("/v1/listeners").await.unwrap();
+    assert!(listeners.is_empty());
+    assert!(tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err());
+}
+
+// ---------------------------------------------------------------------------------------
+// Whole flows against the in-memory API server.
+
+async fn get<K: serde::de::DeserializeOwned>(fake: &FakeApi, collection: &str, name: &str) -> K {
+    serde_json::from_value(
+        fake.get(collection, name)
+            .unwrap_or_else(|| panic!("no {collection}/{name}")),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn fake_listener_lifecycle_is_idempotent_and_cleans_up() {
+    let site = TestSite::start("dev").await;
+    let fake = FakeApi::default();
+    let ctx = site.context(fake.client(NS));
+    let port = free_port();
+    let mut listener = listener_object(port);
+    listener.metadata.finalizers = None;
+    listener.metadata.uid = None;
+    fake.insert(LISTENERS, serde_json::to_value(&listener).unwrap());
+    // First pass adds the finalizer; the watch would call again.
+    let first: Listener = get(&fake, LISTENERS, "web").await;
+    reconcile::listener(Arc::new(first), ctx.clone())
+        .await
+        .unwrap();
+    let second: Listener = get(&fake, LISTENERS, "web").await;
+    assert_eq!(second.finalizers(), [FINALIZER]);
+    reconcile::listener(Arc::new(second), ctx.clone())
+        .await
+        .unwrap();
+    let service = fake.get(SERVICES, "web").expect("the Service was created");
+    assert_eq!(service["spec"]["ports"][0]["port"], port);
+    let third: Listener = get(&fake, LISTENERS, "web").await;
+    assert!(third.status.is_some());
+    // Nothing changed: a second reconcile writes nothing.
+    fake.take_requests();
+    reconcile::listener(Arc::new(third.clone()), ctx.clone())
+        .await
+        .unwrap();
+    let writes: Vec<String> = fake
+        .take_requests()
+        .into_iter()
+        .filter(|r| !r.starts_with("GET"))
+        .collect();
+    assert_eq!(
+        writes,
+        [format!("PATCH {SERVICES}/web")],
+        "only the (no-op) apply"
+    );
+    // A Service of the same name that is not ours is not taken over.
+    let mut other = listener_object(free_port());
+    other.metadata.name = Some("web2".into());
+    other.metadata.uid = Some("uid-other".into());
+    other.spec.host = Some("web".into());
+    fake.insert(LISTENERS, serde_json::to_value(&other).unwrap());
+    let other: Listener = get(&fake, LISTENERS, "web2").await;
+    reconcile::listener(Arc::new(other), ctx.clone())
+        .await
+        .unwrap();
+    let other: Listener = get(&fake, LISTENERS, "web2").await;
+    let error = &other.status.unwrap().conditions[1];
+    assert_eq!(
+        (error.type_.as_str(), error.status.as_str()),
+        ("Error", "True")
+    );
+    assert!(
+        error.message.contains("not managed by skiff"),
+        "{}",
+        error.message
+    );
+    // Delete: the finalizer keeps it until the router's listener is gone, then the Service
+    // goes with it.
+    let client = fake.client(NS);
+    let api: kube::Api<Listener> = kube::Api::namespaced(client, NS);
+    api.delete("web", &Default::default()).await.unwrap();
+    let deleting: Listener = get(&fake, LISTENERS, "web").await;
+    assert!(deleting.metadata.deletion_timestamp.is_some());
+    reconcile::listener(Arc::new(deleting), ctx.clone())
+        .await
+        .unwrap();
+    assert!(fake.get(LISTENERS, "web").is_none());
+    assert!(
+        fake.get(SERVICES, "web").is_none(),
+        "garbage-collected with its owner"
+    );
+    let left: Vec<ListenerView> = site.admin().get("/v1/listeners").await.unwrap();
+    assert_eq!(
+        left.iter().map(|l| l.name.as_str()).collect::<Vec<_>>(),
+        ["web2"]
+    );
+}
+
+#[tokio::test]
+async fn fake_grant_token_and_link_across_two_clusters() {
+    let stg = TestSite::start("stg").await;
+    let dev = TestSite::start("dev").await;
+    let (stg_api, dev_api) = (FakeApi::default(), FakeApi::default());
+    let (stg_ctx, dev_ctx) = (
+        stg.context(stg_api.client(NS)),
+        dev.context(dev_api.client(NS)),
+    );
+    // stg: an AccessGrant becomes a token in a Secret.
+    stg_api.insert(
+        GRANTS,
+        json!({"apiVersion": "skiff.dev/v1alpha1", "kind": "AccessGrant",
+            "metadata": {"name": "for-dev", "namespace": NS}, "spec": {"uses": 1, "expiry": "10m"}}),
+    );
+    for _ in 0..2 {
+        let grant: AccessGrant = get(&stg_api, GRANTS, "for-dev").await;
+        reconcile::grant(Arc::new(grant), stg_ctx.clone())
+            .await
+            .unwrap();
+    }
+    let grant: AccessGrant = get(&stg_api, GRANTS, "for-dev").await;
+    let status = grant.status.clone().unwrap();
+    assert_eq!(status.token_secret.as_deref(), Some("for-dev-token"));
+    assert_eq!(status.uses_left, Some(1));
+    let status_text = serde_json::to_string(&status).unwrap();
+    let secret = stg_api.get(SECRETS, "for-dev-token").unwrap();
+    let bytes: k8s_openapi::ByteString =
+        serde_json::from_value(secret["data"][resources::TOKEN_KEY].clone()).unwrap();
+    let token_yaml = String::from_utf8(bytes.0).unwrap();
+    let code = crate::token::AccessToken::parse(&token_yaml)
+        .unwrap()
+        .spec
+        .code
+        .0;
+    assert!(
+        !status_text.contains(&code),
+        "the token never goes into the status"
+    );
+    assert_eq!(
+        secret["metadata"]["ownerReferences"][0]["kind"],
+        "AccessGrant"
+    );
+    // Reconciling again issues no second token.
+    reconcile::grant(Arc::new(grant), stg_ctx.clone())
+        .await
+        .unwrap();
+    let grants: Vec<admin::GrantView> = stg.admin().get("/v1/grants").await.unwrap();
+    assert_eq!(grants.len(), 1);
+
+    // dev: the token file, applied as is, becomes a Link that comes up.
+    // Its name is the grant's id, and so is the Link's.
+    let mut token: AccessTokenResource = serde_yaml_ng::from_str(&token_yaml).unwrap();
+    let name = token.name_any();
+    assert!(name.starts_with("stg-"), "{name}");
+    token.metadata.namespace = Some(NS.into());
+    dev_api.insert(TOKENS, serde_json::to_value(&token).unwrap());
+    let token: AccessTokenResource = get(&dev_api, TOKENS, &name).await;
+    reconcile::token(Arc::new(token), dev_ctx.clone())
+        .await
+        .unwrap();
+    let token: AccessTokenResource = get(&dev_api, TOKENS, &name).await;
+    assert_eq!(
+        token.status.as_ref().unwrap().link.as_deref(),
+        Some(name.as_str()),
+        "{:?}",
+        token.status
+    );
+    let link: Link = get(&dev_api, LINKS, &name).await;
+    assert_eq!(link.spec.peer_site, "stg");
+    assert_eq!(link.owner_references()[0].kind, "AccessToken");
+    // Reconciling the token again redeems nothing (the token had one use).
+    reconcile::token(Arc::new(token), dev_ctx.clone())
+        .await
+        .unwrap();
+    let mut up = false;
+    for _ in 0..100 {
+        let link: Link = get(&dev_api, LINKS, &name).await;
+        reconcile::link(Arc::new(link), dev_ctx.clone())
+            .await
+            .unwrap();
+        let link: Link = get(&dev_api, LINKS, &name).await;
+        if link.status.as_ref().and_then(|s| s.state.as_deref()) == Some("up") {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(up, "the link came up and its status says so");
+    let grant: AccessGrant = get(&stg_api, GRANTS, "for-dev").await;
+    reconcile::grant(Arc::new(grant), stg_ctx.clone())
+        .await
+        .unwrap();
+    let grant: AccessGrant = get(&stg_api, GRANTS, "for-dev").await;
+    let ready = &grant.status.unwrap().conditions[0];
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "Spent")
+    );
+
+    // Deleting the AccessToken deletes its Link, whose finalizer removes the router's link.
+    let api: kube::Api<AccessTokenResource> = kube::Api::namespaced(dev_api.client(NS), NS);
+    api.delete(&name, &Default::default()).await.unwrap();
+    let link: Link = get(&dev_api, LINKS, &name).await;
+    assert!(link.metadata.deletion_timestamp.is_some());
+    reconcile::link(Arc::new(link), dev_ctx.clone())
+        .await
+        .unwrap();
+    assert!(dev_api.get(LINKS, &name).is_none());
+    let links: Vec<LinkView> = dev.admin().get("/v1/links").await.unwrap();
+    assert!(links.iter().all(|l| l.name != name), "{links:?}");
+
+    // Deleting the grant withdraws its token from the site.
+    let api: kube::Api<AccessGrant> = kube::Api::namespaced(stg_api.client(NS), NS);
+    api.delete("for-dev", &Default::default()).await.unwrap();
+    let grant: AccessGrant = get(&stg_api, GRANTS, "for-dev").await;
+    reconcile::grant(Arc::new(grant), stg_ctx.clone())
+        .await
+        .unwrap();
+    assert!(stg_api.get(GRANTS, "for-dev").is_none());
+    assert!(stg_api.get(SECRETS, "for-dev-token").is_none());
+    let grants: Vec<admin::GrantView> = stg.admin().get("/v1/grants").await.unwrap();
+    assert!(grants.is_empty());
+}
+
+#[tokio::test]
+async fn fake_bad_resources_get_an_error_status_not_a_crash() {
+    let site = TestSite::start("dev").await;
+    let fake = FakeApi::default();
+    let ctx = site.context(fake.client(NS));
+    // A connector with neither selector nor host.
+    let mut connector = connector_object();
+    connector.spec.selector = None;
+    fake.insert(CONNECTORS, serde_json::to_value(&connector).unwrap());
+    let connector: Connector = get(&fake, CONNECTORS, "db").await;
+    reconcile::connector(Arc::new(connector), ctx.clone())
+        .await
+        .unwrap();
+    let connector: Connector = get(&fake, CONNECTORS, "db").await;
+    let conditions = connector.status.unwrap().conditions;
+    assert_eq!(conditions[1].status, "True");
+    assert!(conditions[1].message.contains("spec.selector"));
+    // A token that is garbage (bad code, unreachable endpoint): an error status, retried later.
+    fake.insert(
+        TOKENS,
+        json!({"apiVersion": "skiff.dev/v1alpha1", "kind": "AccessToken",
+            "metadata": {"name": "bogus", "namespace": NS},
+            "spec": {"endpoints": ["127.0.0.1:1"], "code": "00", "ca": "not a certificate",
+                "cost": 1, "expires": "2099-01-01T00:00:00Z",
+                "issuer": {"name": "stg", "id": "00000000-0000-0000-0000-000000000001"}}}),
+    );
+    let token: AccessTokenResource = get(&fake, TOKENS, "bogus").await;
+    let action = reconcile::token(Arc::new(token), ctx.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        action,
+        Action::await_change(),
+        "a malformed token is not retried"
+    );
+    let token: AccessTokenResource = get(&fake, TOKENS, "bogus").await;
+    let status = token.status.unwrap();
+    assert_eq!(status.conditions[1].status, "True");
+    assert!(fake.get(LINKS, "bogus").is_none());
+    // A grant with an unreadable expiry.
+    fake.insert(
+        GRANTS,
+        json!({"apiVersion": "skiff.dev/v1alpha1", "kind": "AccessGrant",
+            "metadata": {"name": "g", "namespace": NS, "finalizers": [FINALIZER]},
+            "spec": {"expiry": "soon"}}),
+    );
+    let grant: AccessGrant = get(&fake, GRANTS, "g").await;
+    reconcile::grant(Arc::new(grant), ctx.clone())
+        .await
+        .unwrap();
+    let grant: AccessGrant = get(&fake, GRANTS, "g").await;
+    assert!(grant.status.unwrap().conditions[1]
+        .message
+        .contains("spec.expiry"));
+    assert!(fake.names(SECRETS).is_empty(), "no token issued");
+}
+
+#[tokio::test]
+async fn fake_site_identity_lives_in_its_secret_and_follows_the_load_balancer() {
+    let fake = FakeApi::default();
+    let client = fake.client(NS);
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = Context {
+        client: client.clone(),
+        namespace: NS.into(),
+        site: admin::Client::new(dir.path()),
+        router_selector: BTreeMap::from([("app.kubernetes.io/name".into(), "skiff".into())]),
+    };
+    const SITES: &str = "/apis/skiff.dev/v1alpha1/namespaces/skiff/sites";
+    fake.insert(
+        SITES,
+        json!({"apiVersion": "skiff.dev/v1alpha1", "kind": "Site",
+            "metadata": {"name": "prod", "namespace": NS},
+            "spec": {"linkAccess": "LoadBalancer", "linkHosts": ["prod.example.com"]}}),
+    );
+    let site: crate::crd::Site = get(&fake, SITES, "prod").await;
+    let settings = super::settings_of(&ctx, &site).await.unwrap();
+    let service = fake.get(SERVICES, resources::LINK_SERVICE).expect("link Service");
+    assert_eq!(service["spec"]["type"], "LoadBalancer");
+    assert_eq!(service["metadata"]["ownerReferences"][0]["kind"], "Site");
+    assert!(settings.access.pending.is_some(), "no address yet");
+    // The cloud gives the load balancer an address: the settings change (the router restarts
+    // with it in its certificate and tokens).
+    let mut with_ip = service.clone();
+    with_ip["status"] = json!({"loadBalancer": {"ingress": [{"ip": "203.0.113.9"}]}});
+    fake.insert(SERVICES, with_ip);
+    let later = super::settings_of(&ctx, &site).await.unwrap();
+    assert_ne!(later, settings);
+    assert_eq!(later.access.pending, None);
+    assert!(later.access.hosts.contains(&"203.0.113.9".to_string()));
+
+    // A new site is created and saved in the Secret at once.
+    let store = crate::Store::new(dir.path().join("a"));
+    super::prepare_store(&ctx, &store, &later).await.unwrap();
+    let config = store.load_config().unwrap();
+    assert_eq!(config.name, "prod");
+    assert_eq!(config.link_hosts[..2], ["prod.example.com", "203.0.113.9"]);
+    assert!(fake.get(SECRETS, super::state::STATE_SECRET).is_some());
+    // A new pod (an empty state dir) gets the same identity back.
+    let again = crate::Store::new(dir.path().join("b"));
+    super::prepare_store(&ctx, &again, &later).await.unwrap();
+    assert_eq!(again.load_config().unwrap().id, config.id);
+    assert_eq!(
+        again.read("ca.key").unwrap(),
+        store.read("ca.key").unwrap(),
+        "the CA key came back from the Secret"
+    );
+    // A Site renamed over an existing identity is refused with what to do.
+    let mut renamed = later.clone();
+    renamed.name = "other".into();
+    let third = crate::Store::new(dir.path().join("c"));
+    let error = super::prepare_store(&ctx, &third, &renamed)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("delete that Secret"), "{error}");
+}
