@@ -3,6 +3,11 @@
 //! get, list (with equality label selectors), create, server-side apply (as a merge), merge and
 //! JSON patches (also on `/status`), delete with finalizers, and garbage collection of objects
 //! whose controller owner is gone — with resource versions and uids.
+//!
+//! A watch from resource version R answers with every change after R (objects with a newer
+//! version, and tombstones of deleted ones) and then ends, after a short pause if there was
+//! none; the watcher watches again from where it got. So the whole controller runs against
+//! the fake, events included.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -12,12 +17,17 @@ use http_body_util::BodyExt;
 use kube::client::Body;
 use serde_json::{json, Value};
 
+/// How long a watch waits before it answers "410 Gone".
+const WATCH_PAUSE: std::time::Duration = std::time::Duration::from_millis(300);
+
 /// The fake's objects: collection path (`/api/v1/namespaces/ns/services`) → name → object.
 #[derive(Default)]
 struct Store {
     objects: BTreeMap<String, BTreeMap<String, Value>>,
     version: u64,
     requests: Vec<String>,
+    /// Deleted objects (collection, object with the deletion's version), for watches.
+    tombstones: Vec<(String, Value)>,
 }
 
 /// A fake API server; clone it to look inside while a client uses it.
@@ -131,6 +141,9 @@ impl FakeApi {
     }
 
     async fn handle(&self, request: Request<Body>) -> Response<Body> {
+        if query(request.uri(), "watch").as_deref() == Some("true") {
+            return self.watch(request.uri()).await;
+        }
         let (parts, body) = request.into_parts();
         let bytes = match body.collect().await {
             Ok(b) => b.to_bytes(),
@@ -287,6 +300,58 @@ impl FakeApi {
     }
 }
 
+impl FakeApi {
+    /// The changes after the watch's resource version, as watch events (one JSON per line).
+    async fn watch(&self, uri: &http::Uri) -> Response<Body> {
+        let Some(target) = parse(uri.path()) else {
+            return status_error(StatusCode::NOT_FOUND, "NotFound", "unknown path");
+        };
+        let since: u64 = query(uri, "resourceVersion")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let selector = query(uri, "labelSelector").unwrap_or_default();
+        let version = |o: &Value| {
+            o["metadata"]["resourceVersion"]
+                .as_str()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        for attempt in 0..2 {
+            let mut events: Vec<(u64, &str, Value)> = Vec::new();
+            {
+                let store = self.store.lock().unwrap();
+                if let Some(objects) = store.objects.get(&target.collection) {
+                    for object in objects.values() {
+                        if version(object) > since && matches_selector(object, &selector) {
+                            events.push((version(object), "MODIFIED", object.clone()));
+                        }
+                    }
+                }
+                for (collection, object) in &store.tombstones {
+                    if *collection == target.collection
+                        && version(object) > since
+                        && matches_selector(object, &selector)
+                    {
+                        events.push((version(object), "DELETED", object.clone()));
+                    }
+                }
+            }
+            if !events.is_empty() || attempt == 1 {
+                events.sort_by_key(|(v, _, _)| *v);
+                let mut body = Vec::new();
+                for (_, kind, object) in events {
+                    serde_json::to_writer(&mut body, &json!({"type": kind, "object": object}))
+                        .unwrap();
+                    body.push(b'\n');
+                }
+                return Response::new(Body::from(body));
+            }
+            tokio::time::sleep(WATCH_PAUSE).await;
+        }
+        unreachable!("the second attempt always answers")
+    }
+}
+
 /// Gives `object` a new resource version (and a uid and namespace on creation).
 fn stamp(store: &mut Store, mut object: Value, previous: Option<&Value>) -> Value {
     store.version += 1;
@@ -338,6 +403,13 @@ fn remove(store: &mut Store, collection: &str, name: &str) {
                 .get_mut(&name)
                 .unwrap();
             object["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+            let object = object.clone();
+            let object = stamp(store, object, None);
+            store
+                .objects
+                .get_mut(&collection)
+                .unwrap()
+                .insert(name, object);
         } else {
             remove(store, &collection, &name);
         }

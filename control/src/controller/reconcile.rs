@@ -231,11 +231,14 @@ async fn apply_listener(listener: &Listener, ctx: &Context) -> Result<Action, Er
         },
     };
     set_status(&api, listener, status, &next).await?;
-    Ok(Action::requeue(Duration::from_secs(if outcome.is_ok() {
-        15
-    } else {
-        30
-    })))
+    // Targets are the router's state, not a Kubernetes event: look again soon while there are
+    // none, and now and then once there are.
+    let again = match &outcome {
+        Ok(view) if view.targets.is_empty() => 2,
+        Ok(_) => 15,
+        Err(_) => 30,
+    };
+    Ok(Action::requeue(Duration::from_secs(again)))
 }
 
 /// Makes the router's listener `name` match the resource; `Err` carries what the user must fix.

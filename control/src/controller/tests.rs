@@ -270,7 +270,7 @@ async fn verifier_a_listener_gets_its_service_and_its_status() {
         );
     });
     let action = reconcile::listener(Arc::new(listener), ctx).await.unwrap();
-    assert_eq!(action, Action::requeue(Duration::from_secs(15)));
+    assert_eq!(action, Action::requeue(Duration::from_secs(2)));
     verifier.await.unwrap();
     let listeners: Vec<ListenerView> = site.admin().get("/v1/listeners").await.unwrap();
     assert_eq!(listeners.len(), 1);
@@ -724,7 +724,9 @@ async fn fake_site_identity_lives_in_its_secret_and_follows_the_load_balancer() 
     );
     let site: crate::crd::Site = get(&fake, SITES, "prod").await;
     let settings = super::settings_of(&ctx, &site).await.unwrap();
-    let service = fake.get(SERVICES, resources::LINK_SERVICE).expect("link Service");
+    let service = fake
+        .get(SERVICES, resources::LINK_SERVICE)
+        .expect("link Service");
     assert_eq!(service["spec"]["type"], "LoadBalancer");
     assert_eq!(service["metadata"]["ownerReferences"][0]["kind"], "Site");
     assert!(settings.access.pending.is_some(), "no address yet");
@@ -763,4 +765,133 @@ async fn fake_site_identity_lives_in_its_secret_and_follows_the_load_balancer() 
         .unwrap_err()
         .to_string();
     assert!(error.contains("delete that Secret"), "{error}");
+}
+
+/// Polls `check` every 100 ms for up to 20 s.
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+fn condition(object: &Option<Value>, type_: &str) -> Option<String> {
+    object.as_ref()?["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+        .and_then(|c| c["status"].as_str())
+        .map(str::to_string)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_whole_controller_runs_a_site_from_its_resources() {
+    const SITES: &str = "/apis/skiff.dev/v1alpha1/namespaces/skiff/sites";
+    let fake = FakeApi::default();
+    let dir = tempfile::tempdir().unwrap();
+    let metrics_port = free_port();
+    let options = super::Options {
+        namespace: Some(NS.into()),
+        state_dir: dir.path().join("state"),
+        metrics_addr: Some(([127, 0, 0, 1], metrics_port).into()),
+        router_selector: BTreeMap::from([("app".into(), "skiff".into())]),
+        run: crate::site::RunOptions {
+            access_log: false,
+            recent_logs: None,
+        },
+    };
+    let shutdown = CancellationToken::new();
+    let controller = tokio::spawn(super::run(fake.client(NS), options, shutdown.clone()));
+    let readyz = || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", metrics_port)).ok()?;
+        use std::io::{Read, Write};
+        s.write_all(b"GET /readyz HTTP/1.0\r\n\r\n").ok()?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).ok()?;
+        Some(answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200"))
+    };
+    // Alive but not ready while there is no Site.
+    eventually("/readyz answers", || readyz().is_some()).await;
+    assert_eq!(readyz(), Some(false));
+    let link_port = free_port();
+    fake.insert(
+        SITES,
+        json!({"apiVersion": "skiff.dev/v1alpha1", "kind": "Site",
+            "metadata": {"name": "dev", "namespace": NS},
+            "spec": {"linkAccess": "ClusterIP", "linkPort": link_port, "quic": false}}),
+    );
+    eventually("the Site is Ready", || {
+        condition(&fake.get(SITES, "dev"), "Ready").as_deref() == Some("True")
+    })
+    .await;
+    assert_eq!(readyz(), Some(true));
+    let site = fake.get(SITES, "dev").unwrap();
+    assert_eq!(
+        site["status"]["endpoints"][0],
+        format!("skiff-link.skiff.svc.cluster.local:{link_port}")
+    );
+    assert!(fake.get(SERVICES, resources::LINK_SERVICE).is_some());
+    assert!(fake.get(SECRETS, super::state::STATE_SECRET).is_some());
+
+    // A Connector and a Listener for the same key: the listener's port carries bytes to the
+    // backend through the site itself.
+    let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend_port = backend.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = backend.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = stream.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    fake.insert(
+        CONNECTORS,
+        json!({"apiVersion": "skiff.dev/v1alpha1", "kind": "Connector",
+            "metadata": {"name": "echo", "namespace": NS},
+            "spec": {"routingKey": "echo", "host": "127.0.0.1", "port": backend_port}}),
+    );
+    let port = free_port();
+    fake.insert(
+        LISTENERS,
+        json!({"apiVersion": "skiff.dev/v1alpha1", "kind": "Listener",
+            "metadata": {"name": "echo", "namespace": NS},
+            "spec": {"routingKey": "echo", "port": port}}),
+    );
+    eventually("the Listener is Ready", || {
+        condition(&fake.get(LISTENERS, "echo"), "Ready").as_deref() == Some("True")
+    })
+    .await;
+    assert!(fake.get(SERVICES, "echo").is_some());
+    let mut client = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    client.write_all(b"through the controller").await.unwrap();
+    let mut answer = [0u8; 22];
+    client.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"through the controller");
+
+    // Deleting the Listener closes its port.
+    let api: kube::Api<Listener> = kube::Api::namespaced(fake.client(NS), NS);
+    api.delete("echo", &Default::default()).await.unwrap();
+    eventually("the Listener is gone", || {
+        fake.get(LISTENERS, "echo").is_none()
+    })
+    .await;
+    assert!(fake.get(SERVICES, "echo").is_none());
+    eventually("the port is closed", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
+    })
+    .await;
+
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(15), controller)
+        .await
+        .expect("the controller stops when told")
+        .unwrap()
+        .unwrap();
 }
