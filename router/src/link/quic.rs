@@ -64,11 +64,40 @@ pub fn transport_config() -> Arc<quinn::TransportConfig> {
     Arc::new(config)
 }
 
+/// Kernel buffer asked for on each QUIC socket, each way. A link is one UDP socket carrying
+/// every stream, so bursts are large: with Linux's default 208 KiB receive buffer a loopback
+/// transfer dropped packets by the hundred thousand (docs/performance.md).
+const SOCKET_BUFFER: usize = 8 * 1024 * 1024;
+/// Below this the daemon warns that the kernel capped the buffers.
+const SOCKET_BUFFER_WARN: usize = 1024 * 1024;
+
+/// Asks for large kernel buffers on a QUIC socket; warns (once per process) when the kernel's
+/// `net.core.rmem_max` / `wmem_max` cap them, with the command that raises the cap.
+fn size_buffers(socket: &std::net::UdpSocket) {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    let sock = socket2::SockRef::from(socket);
+    let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
+    let recv = sock.recv_buffer_size().unwrap_or(0);
+    let send = sock.send_buffer_size().unwrap_or(0);
+    if recv < SOCKET_BUFFER_WARN || send < SOCKET_BUFFER_WARN {
+        WARNED.call_once(|| {
+            tracing::warn!(
+                recv_kib = recv / 1024,
+                send_kib = send / 1024,
+                "the kernel capped QUIC socket buffers; fast QUIC links will drop packets. \
+                 Raise the cap: sysctl -w net.core.rmem_max=16777216 net.core.wmem_max=16777216"
+            );
+        });
+    }
+}
+
 /// A QUIC endpoint serving links on `socket` (the UDP link port). It also dials out.
 pub fn server_endpoint(
     socket: std::net::UdpSocket,
     tls: Arc<rustls::ServerConfig>,
 ) -> std::io::Result<quinn::Endpoint> {
+    size_buffers(&socket);
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| std::io::Error::other(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
@@ -83,7 +112,14 @@ pub fn server_endpoint(
 
 /// A dial-only QUIC endpoint on an ephemeral UDP port (for sites that do not serve QUIC).
 pub fn client_endpoint() -> std::io::Result<quinn::Endpoint> {
-    quinn::Endpoint::client(std::net::SocketAddr::from(([0, 0, 0, 0], 0)))
+    let socket = std::net::UdpSocket::bind(std::net::SocketAddr::from(([0, 0, 0, 0], 0)))?;
+    size_buffers(&socket);
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
 }
 
 /// Dials `addr` (verifying the server as `server_name` with `tls`).
