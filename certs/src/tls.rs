@@ -329,6 +329,10 @@ mod tests {
             let (c, s) = (out.client.unwrap(), out.server.unwrap());
             assert!(!c.is_handshaking() && !s.is_handshaking());
             assert_eq!(c.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
+            assert_eq!(
+                c.negotiated_cipher_suite().map(|s| s.suite()),
+                Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+            );
             assert_eq!(s.alpn_protocol(), Some(&b"skiff/1"[..]));
             assert_eq!(peer_site_id(s.peer_certificates()), Some(SITE_B));
             assert_eq!(peer_site_id(c.peer_certificates()), Some(ca.site_id()));
