@@ -115,12 +115,15 @@ fn balance(c: &mut Criterion) {
         Strategy::SourceAffinity,
     ] {
         let mut turn = 0u64;
-        c.bench_function(&format!("choice among 5 sites, {}", strategy.as_str()), |b| {
-            b.iter(|| {
-                turn += 1;
-                black_box(order(strategy, &candidates, client, turn))
-            })
-        });
+        c.bench_function(
+            &format!("choice among 5 sites, {}", strategy.as_str()),
+            |b| {
+                b.iter(|| {
+                    turn += 1;
+                    black_box(order(strategy, &candidates, client, turn))
+                })
+            },
+        );
     }
 }
 

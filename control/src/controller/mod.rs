@@ -123,6 +123,10 @@ pub async fn run(
             tracing::error!(site = %site.name_any(), error = %e, "site stopped; retrying in 10 s");
             let status = site_status(&site, None, Some(&e.to_string()), None);
             let _ = patch_site_status(&ctx, &site, &status).await;
+            // Alive (liveness keeps passing), not ready, while it waits to retry.
+            let waiting = shutdown.child_token();
+            let _stop = waiting.clone().drop_guard();
+            serve_metrics(metrics.as_ref(), Arc::new(Waiting), Arc::default(), waiting);
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(10)) => {}
                 _ = shutdown.cancelled() => {}
