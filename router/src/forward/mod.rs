@@ -3,9 +3,10 @@
 //!
 //! - Origin: a listener accepts a client, orders the sites serving its key with the listener's
 //!   strategy, and tries them in turn. For a remote site it opens a stream on the link towards
-//!   the next hop, writes the [`StreamHeader`], and waits for the [`ConnectResult`] before it
-//!   reads a byte from the client: whatever the client sends meanwhile waits in the socket, so a
-//!   refusal costs nothing and the next site gets the untouched connection.
+//!   the next hop and writes the [`StreamHeader`]; while it waits for the [`ConnectResult`] it
+//!   already forwards what the client sends (up to [`EARLY_DATA`]), so a client's first request
+//!   travels with the stream's opening instead of a round trip later. Those bytes are kept
+//!   until the site accepts: a refusal loses nothing, the next site gets them first.
 //! - Transit: a stream whose destination is another site is relayed to the next hop, header
 //!   first (with one hop less to live), then bytes both ways.
 //! - Destination: the stream's key is served by this site's connectors; the router connects to
@@ -19,6 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -38,6 +40,25 @@ const BACKEND_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Limit for a stream's header to arrive, and for a connect result to come back.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const RESULT_TIMEOUT: Duration = Duration::from_secs(15);
+/// Most client bytes forwarded (and kept for a retry) before a site has accepted the
+/// connection; past it, the client waits for the answer.
+pub(crate) const EARLY_DATA: usize = 64 * 1024;
+
+/// Client bytes read before a site accepted the connection.
+#[derive(Default)]
+struct Early {
+    bytes: BytesMut,
+    /// The client finished sending (FIN) meanwhile.
+    eof: bool,
+}
+
+/// Why a site did not take a connection, or why the attempt stopped.
+enum Refusal {
+    /// The site (or the way to it) refused: try the next (metric reason, detail).
+    Site(&'static str, String),
+    /// The client went away: stop.
+    Client(String),
+}
 
 /// A service endpoint this site reaches directly: "routing key K is served at host:port".
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -132,19 +153,30 @@ async fn origin(
     let order = balance::order(config.strategy, &candidates, Some(from.ip()), turn);
     let own = inner.config.site_id;
     let (to_target, to_client) = metrics.service_bytes(key);
+    let mut early = Early::default();
+    let mut client = client;
     for index in order {
         let site = candidates[index].site;
         let site_name = table.name(site);
         let _open = OpenGuard::new(&inner, key, site);
         let outcome = if site == own {
             match connect_local(&inner, key).await {
-                Ok(server) => {
+                Ok(mut server) => {
                     connected(&inner, key, &site_name, started);
                     let tallies = (
                         Tally::new([to_target.clone()]),
                         Tally::new([to_client.clone()]),
                     );
-                    splice::tcp_tcp(client, server, tallies).await
+                    // Bytes a refusing site got first go to this one first.
+                    if let Err(e) = server.write_all(&early.bytes).await {
+                        tracing::debug!(error = %e, "local connector failed; trying the next site");
+                        metrics.connect_error(key, "refused");
+                        continue;
+                    }
+                    tallies.0.add(early.bytes.len());
+                    let (end, mut moved) = splice::tcp_tcp(client, server, tallies).await;
+                    moved.up += early.bytes.len() as u64;
+                    (end, moved)
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "local connector refused; trying the next site");
@@ -165,7 +197,7 @@ async fn origin(
                 ttl: DEFAULT_TTL,
             };
             let hop = table.name(route.next_hop);
-            match open_remote(&inner, route.next_hop, &header).await {
+            match open_remote(&inner, route.next_hop, &header, &mut client, &mut early).await {
                 Ok((send, recv, leftover)) => {
                     connected(&inner, key, &site_name, started);
                     let _stream = StreamGauge::new(&inner, &hop);
@@ -174,12 +206,22 @@ async fn origin(
                         Tally::new([to_target.clone(), tx]),
                         Tally::new([to_client.clone(), rx]),
                     );
-                    splice::tcp_stream(client, send, recv, leftover, tallies).await
+                    tallies.0.add(early.bytes.len());
+                    let (end, mut moved) =
+                        splice::tcp_stream(client, send, recv, leftover, tallies).await;
+                    moved.up += early.bytes.len() as u64;
+                    (end, moved)
                 }
-                Err((reason, e)) => {
+                Err(Refusal::Site(reason, e)) => {
                     tracing::debug!(site = %site_name, error = %e, "site refused; trying the next");
                     metrics.connect_error(key, reason);
                     continue;
+                }
+                Err(Refusal::Client(e)) => {
+                    tracing::debug!(error = %e, "client went away before a site accepted");
+                    metrics.connect_error(key, "client_gone");
+                    splice::abort_tcp(client);
+                    return;
                 }
             }
         };
@@ -267,48 +309,82 @@ fn log_end((end, moved): &(End, splice::Moved)) {
     }
 }
 
-/// Opens a stream towards `destination` through `next_hop` and waits for its connect result.
-/// Returns the stream and any bytes that arrived behind the result.
+/// Opens a stream towards `destination` through `next_hop` and waits for its connect result,
+/// sending `early` first and forwarding (and keeping in `early`) what the client sends
+/// meanwhile. Returns the stream and any bytes that arrived behind the result.
 async fn open_remote(
     inner: &Inner,
     next_hop: Uuid,
     header: &StreamHeader,
-) -> Result<(AnySend, AnyRecv, Bytes), (&'static str, String)> {
-    let link = |e: String| ("link", e);
+    client: &mut TcpStream,
+    early: &mut Early,
+) -> Result<(AnySend, AnyRecv, Bytes), Refusal> {
+    let link = |e: String| Refusal::Site("link", e);
+    let timeout = || Refusal::Site("timeout", "no connect result in time".to_string());
     let transport = inner
         .transport_to(next_hop)
         .ok_or_else(|| link("no live link to the next hop".into()))?;
     let (mut send, mut recv) = tokio::time::timeout(RESULT_TIMEOUT, transport.open())
         .await
-        .map_err(|_| ("timeout", "the link took no new stream in time".to_string()))?
+        .map_err(|_| Refusal::Site("timeout", "the link took no new stream in time".into()))?
         .map_err(|e| link(e.to_string()))?;
-    send.send(opening(header))
+    let mut opening = BytesMut::from(&opening(header)[..]);
+    opening.extend_from_slice(&early.bytes);
+    send.send(opening.freeze())
         .await
         .map_err(|e| link(e.to_string()))?;
+    let deadline = tokio::time::Instant::now() + RESULT_TIMEOUT;
     let mut buf = BytesMut::new();
-    let result = tokio::time::timeout(RESULT_TIMEOUT, async {
-        loop {
-            if let Some(result) = ConnectResult::decode(&mut buf).map_err(|e| e.to_string())? {
-                return Ok(result);
-            }
-            match recv.recv().await {
+    // A site that refuses may stop reading before we stop sending: a failed send only ends the
+    // early bytes; the answer decides.
+    let mut sending = true;
+    let result = loop {
+        if let Some(result) = ConnectResult::decode(&mut buf).map_err(|e| link(e.to_string()))? {
+            break result;
+        }
+        let room = EARLY_DATA.saturating_sub(early.bytes.len());
+        if room > 0 {
+            early.bytes.reserve(room.min(16 * 1024));
+        }
+        let reading = sending && !early.eof && room > 0;
+        let before = early.bytes.len();
+        tokio::select! {
+            chunk = recv.recv() => match chunk {
                 Ok(Some(chunk)) => buf.extend_from_slice(&chunk),
-                Ok(None) => return Err("stream closed before a connect result".to_string()),
-                Err(e) => return Err(e.to_string()),
+                Ok(None) => return Err(link("stream closed before a connect result".into())),
+                Err(e) => return Err(link(e.to_string())),
+            },
+            read = client.read_buf(&mut early.bytes), if reading => match read {
+                Ok(0) => early.eof = true,
+                Ok(_) => {
+                    let fresh = Bytes::copy_from_slice(&early.bytes[before..]);
+                    if send.send(fresh).await.is_err() {
+                        sending = false;
+                    }
+                }
+                Err(e) => {
+                    send.reset();
+                    return Err(Refusal::Client(e.to_string()));
+                }
+            },
+            _ = tokio::time::sleep_until(deadline) => {
+                send.reset();
+                return Err(timeout());
             }
         }
-    })
-    .await
-    .map_err(|_| ("timeout", "no connect result in time".to_string()))?
-    .map_err(link)?;
+    };
     let reason = match result.status {
-        ConnectStatus::Ok => return Ok((send, recv, buf.freeze())),
+        ConnectStatus::Ok if sending => return Ok((send, recv, buf.freeze())),
+        ConnectStatus::Ok => "link",
         ConnectStatus::Refused => "refused",
         ConnectStatus::NoTarget => "no_target_at_destination",
         ConnectStatus::Unreachable => "unreachable",
     };
     send.reset();
-    Err((reason, format!("{:?}: {}", result.status, result.detail)))
+    Err(Refusal::Site(
+        reason,
+        format!("{:?}: {}", result.status, result.detail),
+    ))
 }
 
 /// The first bytes of a carried connection's stream: the stream kind, then the header.
