@@ -141,9 +141,14 @@ pub struct Site {
     recent_logs: Option<crate::logs::Recent>,
     /// Set once state is loaded and listeners are bound (`/readyz`).
     ready: std::sync::atomic::AtomicBool,
+    /// Set when a graceful stop begins (`/readyz` says `draining`).
+    draining: std::sync::atomic::AtomicBool,
     /// When the link server certificate expires.
     server_expires: Option<SystemTime>,
 }
+
+/// Default of [`RunOptions::drain_timeout`].
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Options of the daemon beyond what the state dir holds.
 #[derive(Clone, Debug)]
@@ -152,6 +157,12 @@ pub struct RunOptions {
     pub access_log: bool,
     /// Where the logger keeps recent lines (served to `skiff debug dump`).
     pub recent_logs: Option<crate::logs::Recent>,
+    /// Fires to ask for a graceful stop (the binary fires it on the first SIGTERM or SIGINT):
+    /// the site drains for at most `drain_timeout`, then stops. `None`: only the shutdown
+    /// token stops the site, at once.
+    pub drain: Option<CancellationToken>,
+    /// How long a graceful stop waits for carried connections to finish.
+    pub drain_timeout: Duration,
 }
 
 impl Default for RunOptions {
@@ -159,11 +170,14 @@ impl Default for RunOptions {
         RunOptions {
             access_log: true,
             recent_logs: None,
+            drain: None,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
         }
     }
 }
 
-/// Runs the site daemon in `store` until `shutdown` fires.
+/// Runs the site daemon in `store` until `shutdown` fires; then it stops at once, resetting
+/// the connections it still carries.
 pub async fn run(
     store: Store,
     listeners: Listeners,
@@ -172,7 +186,10 @@ pub async fn run(
     run_with(store, listeners, RunOptions::default(), shutdown).await
 }
 
-/// [`run`] with options.
+/// [`run`] with options, among them a graceful stop: when `options.drain` fires, the site
+/// drains (see [`skiff_router::Router::drain`]; `/readyz` answers 503 `draining`) until its
+/// carried connections have finished, `options.drain_timeout` has passed or `shutdown` fires,
+/// whichever comes first; then it stops, resetting whatever is still carried.
 pub async fn run_with(
     store: Store,
     mut listeners: Listeners,
@@ -217,10 +234,17 @@ pub async fn run_with(
         "site running"
     );
     tasks.spawn(watch_certificates(site.clone(), shutdown.clone()));
-    shutdown.cancelled().await;
-    // Every task watches the same token; wait (bounded) for them to wind down.
+    let drain = options.drain.clone().unwrap_or_default();
+    tokio::select! {
+        () = shutdown.cancelled() => {}
+        () = drain.cancelled() => site.drain(options.drain_timeout, &shutdown).await,
+    }
+    shutdown.cancel();
+    // Every task watches the same token; wait (bounded) for them to wind down, and for the
+    // carried connections' resets to go out before the process exits.
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         while tasks.join_next().await.is_some() {}
+        site.router.wait_carried().await;
     })
     .await;
     let _ = std::fs::remove_file(site.core.store.admin_socket());
@@ -302,10 +326,42 @@ impl Site {
             registry: std::sync::OnceLock::new(),
             recent_logs: options.recent_logs.clone(),
             ready: std::sync::atomic::AtomicBool::new(false),
+            draining: std::sync::atomic::AtomicBool::new(false),
             server_expires: server.not_after().ok(),
         };
         site.apply_connectors();
         Ok(site)
+    }
+
+    /// Drains (see [`run_with`]) until the carried connections have finished, `timeout` has
+    /// passed or `stop` fires.
+    async fn drain(&self, timeout: Duration, stop: &CancellationToken) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Release);
+        let carried = self.router.drain();
+        tracing::info!(
+            carried,
+            timeout_s = timeout.as_secs_f64(),
+            "draining: listeners closed and connectors withdrawn; waiting for carried \
+             connections to finish (SIGTERM or Ctrl-C again stops at once)"
+        );
+        tokio::select! {
+            () = self.router.wait_carried() => {
+                tracing::info!("drained: every carried connection finished");
+            }
+            () = tokio::time::sleep(timeout) => {
+                tracing::warn!(
+                    left = self.router.carried(),
+                    "drain timeout: resetting the connections still carried"
+                );
+            }
+            () = stop.cancelled() => {
+                tracing::warn!(
+                    left = self.router.carried(),
+                    "stopping now: resetting the connections still carried"
+                );
+            }
+        }
     }
 
     /// Binds every stored listener; one that cannot be bound is reported, not fatal.
@@ -1325,6 +1381,10 @@ async fn watch_certificates(site: Arc<Site>, shutdown: CancellationToken) {
 impl crate::http::Endpoints for Site {
     fn ready(&self) -> bool {
         self.ready.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Acquire)
     }
 
     fn network_svg(&self) -> String {

@@ -21,13 +21,14 @@ pub mod proto;
 mod routing;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use skiff_certs::CertifiedKey;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 pub use forward::{ConnectorConfig, ListenerConfig};
@@ -237,6 +238,11 @@ pub(crate) struct Inner {
     /// does not serve QUIC).
     pub(crate) quic: Mutex<Option<quinn::Endpoint>>,
     pub(crate) metrics: Metrics,
+    /// Every carried connection's task (origin, transit and destination), so that a drain can
+    /// wait for them and a stop can wait for their resets to go out.
+    pub(crate) carried: TaskTracker,
+    /// Set by [`Router::drain`]: no listeners, no connectors advertised or served.
+    pub(crate) draining: AtomicBool,
 }
 
 #[derive(Default)]
@@ -282,6 +288,8 @@ impl Router {
             closing: Mutex::new(HashMap::new()),
             quic: Mutex::new(None),
             metrics,
+            carried: TaskTracker::new(),
+            draining: AtomicBool::new(false),
             config,
             hooks,
             links: Mutex::new(Links::default()),
@@ -309,8 +317,12 @@ impl Router {
     }
 
     /// Starts serving a listener on an already bound socket. Replaces a listener of the same
-    /// name.
+    /// name. A draining router closes the socket instead.
     pub fn add_listener(&self, config: ListenerConfig, listener: tokio::net::TcpListener) {
+        if self.is_draining() {
+            tracing::warn!(listener = %config.name, "site is draining; listener not started");
+            return;
+        }
         let cancel = self.inner.shutdown.child_token();
         let previous = self
             .inner
@@ -344,6 +356,51 @@ impl Router {
             }
             None => false,
         }
+    }
+
+    /// Begins a graceful stop: closes every listener's port (new clients are refused by the
+    /// kernel), withdraws this site's connectors from its advertisement (so other sites send
+    /// new connections elsewhere as soon as it reaches them) and refuses streams that still
+    /// arrive for them, so their origin tries the next site before its client notices. Links
+    /// stay up, and carried connections (those this site originates, relays and serves) go on;
+    /// [`Router::wait_carried`] resolves when the last one has ended. Returns how many are carried
+    /// now.
+    pub fn drain(&self) -> usize {
+        self.inner.draining.store(true, Ordering::Release);
+        let listeners: Vec<CancellationToken> = self
+            .inner
+            .listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .map(|(_, cancel)| cancel)
+            .collect();
+        for cancel in listeners {
+            cancel.cancel();
+        }
+        self.inner.reoriginate();
+        self.inner.carried.close();
+        self.carried()
+    }
+
+    /// True once [`Router::drain`] was called.
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::Acquire)
+    }
+
+    /// How many carried connections this router has now (as origin, transit or destination,
+    /// including those still connecting).
+    pub fn carried(&self) -> usize {
+        self.inner.carried.len()
+    }
+
+    /// Waits until no carried connection is left (those that start meanwhile count too). For
+    /// stopping: after [`Router::drain`], or once the router's shutdown token fired, which
+    /// aborts every carried connection at once (a TCP RST to its client or backend, a stream
+    /// reset towards its peer), so that this resolves as soon as those resets are out.
+    pub async fn wait_carried(&self) {
+        self.inner.carried.close();
+        self.inner.carried.wait().await
     }
 
     /// The current routing table (sites, next hops, and where each key is served).

@@ -41,11 +41,16 @@ pub enum SiteCommand {
         #[arg(long, value_parser = super::parse_duration, default_value = "7d", value_name = "DURATION")]
         cert_lifetime: Duration,
     },
-    /// Run the site daemon in the foreground (SIGTERM or Ctrl-C stops it gracefully).
+    /// Run the site daemon in the foreground. SIGTERM or Ctrl-C stops it gracefully: it
+    /// closes its listeners, withdraws its connectors and lets carried connections finish
+    /// (for at most --drain-timeout); a second SIGTERM or Ctrl-C stops it at once.
     Run {
         /// Do not log a line per closed carried connection (target `skiff::access`).
         #[arg(long)]
         no_access_log: bool,
+        /// How long a graceful stop waits for carried connections before it resets them.
+        #[arg(long, value_parser = super::parse_duration, default_value = "10s", value_name = "DURATION")]
+        drain_timeout: Duration,
     },
 }
 
@@ -106,17 +111,22 @@ pub async fn run(
             );
             Ok(())
         }
-        SiteCommand::Run { no_access_log } => {
+        SiteCommand::Run {
+            no_access_log,
+            drain_timeout,
+        } => {
             let options = RunOptions {
                 access_log: !no_access_log,
                 recent_logs: Some(recent_logs),
+                drain: None,
+                drain_timeout,
             };
             run_daemon(dir, options).await
         }
     }
 }
 
-async fn run_daemon(dir: &Path, options: RunOptions) -> Result<()> {
+async fn run_daemon(dir: &Path, mut options: RunOptions) -> Result<()> {
     let store = Store::new(dir);
     // Bad config stops the daemon before it binds anything.
     let config = store.load_config()?;
@@ -150,7 +160,8 @@ async fn run_daemon(dir: &Path, options: RunOptions) -> Result<()> {
     };
     let admin = admin::bind(&store.admin_socket())
         .with_context(|| format!("cannot open {}", store.admin_socket().display()))?;
-    let shutdown = super::shutdown_on_signals()?;
+    let signals = super::shutdown_on_signals()?;
+    options.drain = Some(signals.drain);
     skiff_control::site::run_with(
         store,
         Listeners {
@@ -160,7 +171,7 @@ async fn run_daemon(dir: &Path, options: RunOptions) -> Result<()> {
             quic,
         },
         options,
-        shutdown,
+        signals.stop,
     )
     .await?;
     Ok(())

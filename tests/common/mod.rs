@@ -35,6 +35,8 @@ pub struct Site {
     pub port: u16,
     dir: TempDir,
     daemon: Option<Child>,
+    /// Extra `site run` arguments (`--drain-timeout 1s`), for every later start.
+    pub run_args: Vec<String>,
 }
 
 impl Site {
@@ -62,6 +64,7 @@ impl Site {
             port,
             dir,
             daemon: None,
+            run_args: Vec::new(),
         };
         let port = port.to_string();
         let mut args = vec![
@@ -113,6 +116,7 @@ impl Site {
             .arg("--state-dir")
             .arg(self.state_dir())
             .args(["site", "run"])
+            .args(&self.run_args)
             .env_remove("RUST_LOG")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -177,14 +181,46 @@ impl Site {
         }
     }
 
-    /// Stops the daemon gracefully (SIGTERM) and waits for it to exit successfully.
-    pub fn stop(&mut self) {
-        let mut child = self.daemon.take().expect("site is not running");
+    /// Sends SIGTERM to the daemon.
+    pub fn sigterm(&self) {
         let sent = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
+            .args(["-TERM", &self.pid().to_string()])
             .status()
             .expect("cannot run kill");
         assert!(sent.success(), "kill -TERM failed");
+    }
+
+    /// Stops the daemon gracefully (SIGTERM: it drains, for at most its drain timeout) and
+    /// waits for it to exit successfully.
+    pub fn stop(&mut self) {
+        self.sigterm();
+        self.wait_exit();
+    }
+
+    /// Stops the daemon at once: SIGTERM, and once it drains, SIGTERM again. Waits for it to
+    /// exit successfully.
+    pub fn stop_now(&mut self) {
+        let drains = self.logs().matches("stopping gracefully").count() + 1;
+        self.sigterm();
+        // Two signals sent together may arrive as one: wait for the first to be seen.
+        wait_for(
+            "the daemon to begin draining",
+            STOP_TIMEOUT,
+            &[self],
+            || {
+                let seen = self.logs().matches("stopping gracefully").count();
+                (seen >= drains)
+                    .then_some(())
+                    .ok_or_else(|| format!("{seen} graceful stops logged"))
+            },
+        );
+        self.sigterm();
+        self.wait_exit();
+    }
+
+    /// Waits (bounded) for the stopping daemon to exit successfully.
+    pub fn wait_exit(&mut self) {
+        let mut child = self.daemon.take().expect("site is not running");
         let deadline = Instant::now() + STOP_TIMEOUT;
         loop {
             if let Some(exit) = child.try_wait().expect("cannot wait for the daemon") {
@@ -331,6 +367,33 @@ impl Site {
         }
     }
 
+    /// The sorted names of the sites serving listener `name` (`listener list -o json`).
+    pub fn targets(&self, name: &str) -> Result<Vec<String>, String> {
+        let out = self.cli(&["listener", "list", "-o", "json"]);
+        if !out.status.success() {
+            return Err(format!(
+                "{}: listener list failed: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let list: Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+        let listener = list
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|l| l["name"] == name)
+            .ok_or_else(|| format!("{}: no listener {name}: {list}", self.name))?;
+        let mut names: Vec<String> = listener["targets"]
+            .as_array()
+            .ok_or_else(|| format!("listener without targets: {listener}"))?
+            .iter()
+            .filter_map(|t| t.as_str().map(String::from))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
     /// Issues a token (`token issue -o FILE EXTRA...`) and returns the file.
     pub fn issue(&self, file: &str, extra: &[&str]) -> PathBuf {
         let path = self.scratch(file);
@@ -419,6 +482,24 @@ macro_rules! on_every_transport {
             $(#[test] fn $name() { $crate::common::use_transport("quic"); super::$name(); })*
         }
     };
+}
+
+/// `GET path` on 127.0.0.1:`port` (HTTP/1.0, so the server closes): the status code and body.
+pub fn http_get(port: u16, path: &str) -> Result<(u16, String), String> {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    write!(conn, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut raw = String::new();
+    conn.read_to_string(&mut raw).map_err(|e| e.to_string())?;
+    let status = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("not an HTTP response: {raw:?}"))?;
+    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    Ok((status, body.to_string()))
 }
 
 /// A TCP port that was free a moment ago on 127.0.0.1.

@@ -4,7 +4,9 @@
 //! as a clean end and the other direction keeps going: half-close survives the trip. An abort
 //! (TCP RST or error, stream reset, dead link) ends *both* directions at once and is passed on as
 //! an abort: the stream is reset and the TCP socket is closed with RST (zero linger), so a
-//! broken connection never looks like a complete one.
+//! broken connection never looks like a complete one. When the site stops (its shutdown token
+//! fires), every splice aborts the same way: a stopping router resets what it still carries
+//! rather than letting process exit close the sockets with a FIN.
 //!
 //! Memory per connection is bounded: one read buffer per direction, and the transport's flow
 //! control stops a sender whose reader is slow.
@@ -15,6 +17,7 @@ use std::pin::pin;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 
 use crate::link::transport::{RecvStream, SendStream};
 use crate::metrics::Tally;
@@ -40,8 +43,12 @@ pub(crate) struct Moved {
     pub(crate) down: u64,
 }
 
-/// Runs two directions; on the first failure stops both. Returns which failed, if any.
-async fn both<U, D>(up: U, down: D) -> Result<(), String>
+/// What an abort on shutdown reports.
+pub(crate) const STOPPING: &str = "site stopping";
+
+/// Runs two directions; on the first failure, or when `stop` fires, stops both. Returns which
+/// failed, if any.
+async fn both<U, D>(up: U, down: D, stop: &CancellationToken) -> Result<(), String>
 where
     U: Future<Output = Result<(), String>>,
     D: Future<Output = Result<(), String>>,
@@ -52,6 +59,7 @@ where
         tokio::select! {
             result = &mut up, if !up_done => { result?; up_done = true; }
             result = &mut down, if !down_done => { result?; down_done = true; }
+            () = stop.cancelled() => return Err(STOPPING.into()),
         }
     }
     Ok(())
@@ -67,6 +75,7 @@ pub(crate) async fn tcp_stream<S: SendStream, R: RecvStream>(
     mut recv: R,
     leftover: Bytes,
     (up, down): (Tally, Tally),
+    stop: &CancellationToken,
 ) -> (End, Moved) {
     let (mut up_n, mut down_n) = (0u64, 0u64);
     let result = {
@@ -117,7 +126,7 @@ pub(crate) async fn tcp_stream<S: SendStream, R: RecvStream>(
                 }
             }
         };
-        both(up, down).await
+        both(up, down, stop).await
     };
     let moved = Moved {
         up: up_n,
@@ -140,6 +149,7 @@ pub(crate) async fn stream_stream<S1, R1, S2, R2>(
     (mut send_b, mut recv_b): (S2, R2),
     leftover_to_b: Bytes,
     (up, down): (Tally, Tally),
+    stop: &CancellationToken,
 ) -> (End, Moved)
 where
     S1: SendStream,
@@ -161,7 +171,7 @@ where
             relay(&mut recv_a, &mut send_b, &mut up_n, &up).await
         };
         let down = relay(&mut recv_b, &mut send_a, &mut down_n, &down);
-        both(up, down).await
+        both(up, down, stop).await
     };
     let moved = Moved {
         up: up_n,
@@ -202,6 +212,7 @@ pub(crate) async fn tcp_tcp(
     mut client: TcpStream,
     mut server: TcpStream,
     (up, down): (Tally, Tally),
+    stop: &CancellationToken,
 ) -> (End, Moved) {
     let (mut up_n, mut down_n) = (0u64, 0u64);
     let result = {
@@ -209,7 +220,7 @@ pub(crate) async fn tcp_tcp(
         let (mut server_rd, mut server_wr) = server.split();
         let to_server = copy_tcp(&mut client_rd, &mut server_wr, &mut up_n, &up, "client");
         let to_client = copy_tcp(&mut server_rd, &mut client_wr, &mut down_n, &down, "server");
-        both(to_server, to_client).await
+        both(to_server, to_client, stop).await
     };
     let moved = Moved {
         up: up_n,

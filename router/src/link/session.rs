@@ -238,7 +238,7 @@ pub(crate) async fn run(
                 let Some((send, recv)) = incoming else {
                     break "connection lost".to_string();
                 };
-                tokio::spawn(crate::forward::serve_stream(
+                inner.carried.spawn(crate::forward::serve_stream(
                     inner.clone(),
                     peer_name.to_string(),
                     send,
