@@ -48,6 +48,19 @@ pub enum Error {
         /// What failed.
         source: std::io::Error,
     },
+    /// The state dir's filesystem is full (or the user's quota is spent); the write was not
+    /// made, and the file it was to replace is intact.
+    #[error(
+        "no space left on device writing {}: free space in {} and try again",
+        path.display(),
+        dir.display()
+    )]
+    NoSpace {
+        /// The file that could not be written.
+        path: PathBuf,
+        /// The state dir.
+        dir: PathBuf,
+    },
     /// A state file cannot be parsed.
     #[error("{} is corrupt ({reason}); restore it from a backup or re-create the site", path.display())]
     Corrupt {

@@ -875,7 +875,26 @@ impl Site {
             Ok(pair) => pair,
             Err(e) => return admin::error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         };
-        let cert_pem = match claim::redeem(&token, config.id, &config.name, &csr_pem).await {
+        // Spending the token's use at the issuer cannot be undone: make sure first that the
+        // link's files will fit (its certificate, and the state file written anew beside the
+        // old one), so that a full disk fails here, with the token unspent.
+        let room = {
+            let state = serde_json::to_vec_pretty(&*self.core.lock()).map_or(0, |v| v.len());
+            let page = |n: usize| n.div_ceil(4096) * 4096;
+            page(8 * 1024) + page(state + 4096)
+        };
+        let reservation = match self.core.store.reserve(room) {
+            Ok(reservation) => reservation,
+            Err(e) => {
+                return admin::error(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    format!("link not created (the token was not used): {e}"),
+                )
+            }
+        };
+        let redeemed = claim::redeem(&token, config.id, &config.name, &csr_pem).await;
+        drop(reservation);
+        let cert_pem = match redeemed {
             Ok(cert) => cert,
             Err(e) => return admin::error(StatusCode::BAD_GATEWAY, e.to_string()),
         };
@@ -1209,10 +1228,18 @@ impl Site {
         });
         if let Err(e) = saved {
             return Err(refusal.unwrap_or_else(|| {
+                tracing::error!(site = %req.site_name, error = %e, "cannot record a redemption");
+                let why = match e {
+                    // The path is the issuer's business; the claimant needs to know it is
+                    // nobody's fault on its side and that the token is still good.
+                    Error::NoSpace { .. } => "it has no space left on its disk".to_string(),
+                    e => e.to_string(),
+                };
                 (
                     "error",
                     format!(
-                        "the issuing site could not record the redemption ({e}); try again later"
+                        "the issuing site could not record the redemption ({why}); the token \
+                         is still valid: try again later"
                     ),
                 )
             }));
