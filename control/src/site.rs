@@ -348,6 +348,18 @@ impl Site {
         tokio::select! {
             () = self.router.wait_carried() => {
                 tracing::info!("drained: every carried connection finished");
+                // QUIC streams were waited for until acknowledged; HTTP/2 acknowledges nothing
+                // per stream, so give TLS links a moment to deliver the last frames of the
+                // connections that just finished before they close.
+                let rtt = self
+                    .router
+                    .links()
+                    .iter()
+                    .filter_map(|l| l.rtt)
+                    .max()
+                    .unwrap_or_default();
+                let linger = (rtt * 4).clamp(Duration::from_millis(200), Duration::from_secs(1));
+                tokio::time::sleep(linger).await;
             }
             () = tokio::time::sleep(timeout) => {
                 tracing::warn!(

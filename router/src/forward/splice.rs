@@ -13,6 +13,7 @@
 
 use std::future::Future;
 use std::pin::pin;
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -45,6 +46,19 @@ pub(crate) struct Moved {
 
 /// What an abort on shutdown reports.
 pub(crate) const STOPPING: &str = "site stopping";
+/// Bound on waiting for the peer to acknowledge a finished stream's last bytes.
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// After a clean end: waits (bounded, or until `stop`) for `delivery` — the peers having
+/// what was sent to them — so that the connection counts as carried until then: a draining
+/// router closes its links once its last connection is done, and must not cut the tail of a
+/// finished one.
+async fn settle(delivery: impl Future<Output = ()>, stop: &CancellationToken) {
+    tokio::select! {
+        _ = tokio::time::timeout(DELIVERY_TIMEOUT, delivery) => {}
+        () = stop.cancelled() => {}
+    }
+}
 
 /// Runs two directions; on the first failure, or when `stop` fires, stops both. Returns which
 /// failed, if any.
@@ -133,7 +147,10 @@ pub(crate) async fn tcp_stream<S: SendStream, R: RecvStream>(
         down: down_n,
     };
     match result {
-        Ok(()) => (End::Clean, moved),
+        Ok(()) => {
+            settle(send.delivered(), stop).await;
+            (End::Clean, moved)
+        }
         Err(reason) => {
             send.reset();
             abort_tcp(tcp);
@@ -178,7 +195,13 @@ where
         down: down_n,
     };
     match result {
-        Ok(()) => (End::Clean, moved),
+        Ok(()) => {
+            let both = async {
+                tokio::join!(send_a.delivered(), send_b.delivered());
+            };
+            settle(both, stop).await;
+            (End::Clean, moved)
+        }
         Err(reason) => {
             send_a.reset();
             send_b.reset();

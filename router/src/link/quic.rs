@@ -215,6 +215,12 @@ impl SendStream for QuicSend {
         self.done = true;
         let _ = self.inner.reset(RESET_CODE);
     }
+
+    async fn delivered(&mut self) {
+        // Resolves once the peer acknowledged every byte and the finish (or stopped the
+        // stream, or the connection died).
+        let _ = self.inner.stopped().await;
+    }
 }
 
 /// The receiving half of a QUIC stream.

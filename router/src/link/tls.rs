@@ -326,6 +326,11 @@ impl SendStream for H2Send {
     fn reset(&mut self) {
         self.inner.send_reset(h2::Reason::CANCEL);
     }
+
+    async fn delivered(&mut self) {
+        // HTTP/2 acknowledges nothing per stream: once queued, the frames are the
+        // connection's to deliver.
+    }
 }
 
 enum RecvState {
