@@ -70,7 +70,8 @@ pub struct Config {
 
 impl Config {
     /// Defaults: heartbeat every 250 ms, dead after 1 s of silence, 5 s connect and handshake
-    /// limits, reconnect backoff from 100 ms up to 5 s.
+    /// limits, reconnect backoff from 100 ms up to 2 s (so that a link is back within a few
+    /// seconds of its path, however long it was gone).
     pub fn new(site_id: Uuid, site_name: impl Into<String>) -> Self {
         Config {
             site_id,
@@ -80,7 +81,7 @@ impl Config {
             connect_timeout: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(5),
             backoff_min: Duration::from_millis(100),
-            backoff_max: Duration::from_secs(5),
+            backoff_max: Duration::from_secs(2),
             access_log: true,
         }
     }

@@ -29,6 +29,9 @@ pub(crate) async fn run(inner: Arc<Inner>, link: OutgoingLink, cancel: Cancellat
     async move {
         let mut cert = link.cert.clone();
         let mut failures: u32 = 0;
+        // The last failure logged at warn level: a link that stays down retries every couple
+        // of seconds, and its log should say so once, not every time.
+        let mut logged: Option<String> = None;
         while !cancel.is_cancelled() {
             inner.set_outgoing(&link.name, |s| {
                 s.state = LinkState::Connecting;
@@ -41,6 +44,7 @@ pub(crate) async fn run(inner: Arc<Inner>, link: OutgoingLink, cancel: Cancellat
             match attempt {
                 Ok((transport, control)) => {
                     failures = 0;
+                    logged = None;
                     inner.set_outgoing(&link.name, |s| {
                         s.state = LinkState::Up;
                         s.since = SystemTime::now();
@@ -86,7 +90,12 @@ pub(crate) async fn run(inner: Arc<Inner>, link: OutgoingLink, cancel: Cancellat
                 Err(error) => {
                     failures = failures.saturating_add(1);
                     let error = explain(error, &cert);
-                    tracing::warn!(%error, "link could not connect");
+                    if logged.as_ref() == Some(&error) {
+                        tracing::debug!(%error, failures, "link could not connect");
+                    } else {
+                        tracing::warn!(%error, "link could not connect (retrying)");
+                        logged = Some(error.clone());
+                    }
                     inner.set_outgoing(&link.name, |s| {
                         s.state = LinkState::Down;
                         s.since = SystemTime::now();
