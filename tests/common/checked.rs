@@ -119,8 +119,12 @@ pub struct ServerStats {
     pub answered: AtomicU64,
     /// Uploads that failed visibly (an error such as a reset) before their end.
     pub upload_reset: AtomicU64,
-    /// Uploads that ended cleanly (a FIN) before their declared length: a silent truncation.
+    /// Uploads that ended cleanly (a FIN) before their declared length. The declared length
+    /// shows the truncation; but only a dead process (whose sockets its kernel closes) should
+    /// ever cause one: a live router turns an abort into a reset.
     pub upload_truncated: AtomicU64,
+    /// The seeds of those connections, to tell which fault they belong to.
+    pub truncated_seeds: std::sync::Mutex<Vec<u64>>,
     /// Uploads with a wrong byte or bytes past their end.
     pub upload_corrupt: AtomicU64,
     /// Connections that failed while the answer was being sent.
@@ -128,7 +132,8 @@ pub struct ServerStats {
 }
 
 impl ServerStats {
-    /// Uploads that arrived wrong without an error: silent truncation or corruption.
+    /// Uploads that arrived short or wrong without an error (a FIN where a reset belonged, or
+    /// corruption).
     pub fn silent(&self) -> u64 {
         self.upload_truncated.load(Ordering::Relaxed) + self.upload_corrupt.load(Ordering::Relaxed)
     }
@@ -190,8 +195,12 @@ async fn answer(mut conn: TcpStream, tag: u8, stats: &ServerStats) {
         }
     }
     if got < req.up as u64 {
-        // The client's data ended cleanly but short: what a silent truncation looks like.
+        // The client's data ended cleanly but short: without the declared length, this would
+        // be a silent truncation.
         stats.upload_truncated.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut seeds) = stats.truncated_seeds.lock() {
+            seeds.push(req.seed);
+        }
         return abort(conn);
     }
     if verdict != UPLOAD_OK {
@@ -396,9 +405,13 @@ pub struct Tally {
 impl Tally {
     /// Counts one outcome.
     pub fn add(&mut self, outcome: &Outcome) {
+        let tag = outcome.tag.map(char::from);
         let example = |examples: &mut Vec<String>, what: &str, why: &str| {
             if examples.len() < 12 {
-                examples.push(format!("{what}: {why}"));
+                match tag {
+                    Some(tag) => examples.push(format!("{what} (answered by {tag}): {why}")),
+                    None => examples.push(format!("{what}: {why}")),
+                }
             }
         };
         match &outcome.verdict {

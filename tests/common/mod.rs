@@ -37,6 +37,21 @@ pub struct Site {
     daemon: Option<Child>,
     /// Extra `site run` arguments (`--drain-timeout 1s`), for every later start.
     pub run_args: Vec<String>,
+    /// The network namespace the daemon runs in (`None`: this process's).
+    netns: Option<String>,
+    /// A tmpfs mounted on the state dir, unmounted when the site is dropped.
+    tmpfs: Option<PathBuf>,
+}
+
+/// Where a site runs when it is not on loopback in this process's network namespace.
+pub struct Host<'a> {
+    /// The network namespace its daemon runs in (the CLI talks to it over the admin socket,
+    /// which namespaces do not separate).
+    pub netns: &'a str,
+    /// The addresses other sites reach its link port at (`--link-host`, in order).
+    pub link_hosts: &'a [&'a str],
+    /// Mount a tmpfs of this size (`1m`) on the state dir first, so that a test can fill it.
+    pub state_tmpfs: Option<&'a str>,
 }
 
 impl Site {
@@ -54,19 +69,8 @@ impl Site {
 
     /// Creates site `name` without starting it.
     pub fn init(name: &str, init_args: &[&str]) -> Site {
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("skiff-{name}-"))
-            .tempdir()
-            .expect("cannot create a temp dir");
-        let port = free_port();
-        let site = Site {
-            name: name.to_string(),
-            port,
-            dir,
-            daemon: None,
-            run_args: Vec::new(),
-        };
-        let port = port.to_string();
+        let site = Site::new(name, free_port(), None);
+        let port = site.port.to_string();
         let mut args = vec![
             "site",
             "init",
@@ -79,6 +83,57 @@ impl Site {
         args.extend_from_slice(init_args);
         site.ok(&args);
         site
+    }
+
+    /// Creates site `name` on `host` (its daemon in a network namespace, its link port the
+    /// default one) without starting it.
+    pub fn init_on(name: &str, host: &Host<'_>, init_args: &[&str]) -> Site {
+        let mut site = Site::new(name, 55671, Some(host.netns.to_string()));
+        if let Some(size) = host.state_tmpfs {
+            let state = site.state_dir();
+            std::fs::create_dir_all(&state).expect("cannot create the state dir");
+            let mounted = Command::new("mount")
+                .args([
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    &format!("size={size},mode=0700"),
+                    "tmpfs",
+                ])
+                .arg(&state)
+                .status()
+                .expect("cannot run mount");
+            assert!(
+                mounted.success(),
+                "cannot mount a tmpfs on {}",
+                state.display()
+            );
+            site.tmpfs = Some(state);
+        }
+        let port = site.port.to_string();
+        let mut args = vec!["site", "init", name, "--link-port", &port];
+        for host in host.link_hosts {
+            args.extend(["--link-host", host]);
+        }
+        args.extend_from_slice(init_args);
+        site.ok(&args);
+        site
+    }
+
+    fn new(name: &str, port: u16, netns: Option<String>) -> Site {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("skiff-{name}-"))
+            .tempdir()
+            .expect("cannot create a temp dir");
+        Site {
+            name: name.to_string(),
+            port,
+            dir,
+            daemon: None,
+            run_args: Vec::new(),
+            netns,
+            tmpfs: None,
+        }
     }
 
     /// The state dir.
@@ -112,7 +167,16 @@ impl Site {
             .append(true)
             .open(self.log_path())
             .expect("cannot open the daemon log");
-        let child = Command::new(skiff())
+        let mut command = match &self.netns {
+            Some(ns) => {
+                // `ip netns exec` replaces itself with skiff: the child's pid is the daemon's.
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", ns, skiff()]);
+                command
+            }
+            None => Command::new(skiff()),
+        };
+        let child = command
             .arg("--state-dir")
             .arg(self.state_dir())
             .args(["site", "run"])
@@ -452,6 +516,10 @@ impl Site {
 impl Drop for Site {
     fn drop(&mut self) {
         self.kill();
+        if let Some(mount) = self.tmpfs.take() {
+            // Lazily, so that nothing left open can keep it (and the temp dir) in place.
+            let _ = Command::new("umount").arg("-l").arg(&mount).status();
+        }
     }
 }
 

@@ -190,7 +190,7 @@ pub struct End<'a> {
 
 /// A veth pair joining two namespaces, deleted when dropped (or with either namespace).
 pub struct Veth {
-    /// Namespace and device of each end.
+    /// Namespace and device of each end (an empty namespace name: this process's).
     pub ends: [(String, String); 2],
 }
 
@@ -217,15 +217,53 @@ impl Veth {
         })
     }
 
+    /// Creates a pair between this process's namespace (device `host_dev` with `host_addr`)
+    /// and `end`, addresses both ends and brings them up: how a test reaches a namespace.
+    pub fn to_host(host_dev: &str, host_addr: &str, end: End<'_>) -> Result<Veth> {
+        run(
+            Command::new("ip").args([
+                "link",
+                "add",
+                host_dev,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                end.dev,
+                "netns",
+                &end.ns.name,
+            ]),
+            IP_TIMEOUT,
+        )?;
+        let veth = Veth {
+            ends: [
+                (end.ns.name.clone(), end.dev.into()),
+                (String::new(), host_dev.into()),
+            ],
+        };
+        run(
+            Command::new("ip").args(["addr", "add", host_addr, "dev", host_dev]),
+            IP_TIMEOUT,
+        )?;
+        run(
+            Command::new("ip").args(["link", "set", host_dev, "up"]),
+            IP_TIMEOUT,
+        )?;
+        end.ns
+            .run(&["ip", "addr", "add", end.addr, "dev", end.dev])?;
+        end.ns.run(&["ip", "link", "set", end.dev, "up"])?;
+        Ok(veth)
+    }
+
     /// Sets end `i` (0 or 1) administratively up or down (`ip link set DEV up|down`).
     pub fn set_up(&self, i: usize, up: bool) -> Result<()> {
         let (ns, dev) = &self.ends[i];
         let state = if up { "up" } else { "down" };
-        run(
-            Command::new("ip").args(["-n", ns, "link", "set", dev, state]),
-            IP_TIMEOUT,
-        )
-        .map(|_| ())
+        let mut cmd = Command::new("ip");
+        if !ns.is_empty() {
+            cmd.args(["-n", ns]);
+        }
+        run(cmd.args(["link", "set", dev, state]), IP_TIMEOUT).map(|_| ())
     }
 }
 
