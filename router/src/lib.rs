@@ -18,6 +18,7 @@ pub mod forward;
 pub mod link;
 pub mod metrics;
 pub mod proto;
+pub mod reject;
 mod routing;
 
 use std::collections::{BTreeMap, HashMap};
@@ -37,12 +38,36 @@ pub use link::{TransportChoice, TransportKind};
 pub use metrics::Metrics;
 pub use proto::balance::Strategy;
 pub use proto::routing::{Advertisement, Table};
+pub use reject::Rejections;
 
 /// ALPN protocol id of link connections on the link port.
 pub const ALPN_LINK: &[u8] = b"skiff-link/1";
 
 /// The skiff version this router announces in its hello.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Default of [`Config::max_handshakes`] (and of the TCP link port's limit).
+pub const DEFAULT_MAX_HANDSHAKES: usize = 256;
+
+/// Default of [`Config::max_link_streams`]: well above what one site pair carries in practice
+/// (the end-to-end benchmark holds 10,000 idle connections over one link), low enough that one
+/// neighbour cannot take all of a site's file descriptors and memory.
+pub const DEFAULT_MAX_LINK_STREAMS: u32 = 16_384;
+
+/// The stream limit a link's transport announces to the peer (HTTP/2
+/// SETTINGS_MAX_CONCURRENT_STREAMS, QUIC MAX_STREAMS) for a router limit of `max_link_streams`.
+///
+/// It is a little higher than the router's limit on purpose: the router refuses streams beyond
+/// its limit itself, with a connect result the origin understands at once (it tries the next
+/// site, or resets its client), instead of the opener's transport queueing them until a slot
+/// frees. The margin bounds how many such refusals can be in flight; a peer that ignores them
+/// and opens still more is stopped by the transport (a refused stream on HTTP/2, a connection
+/// error on QUIC).
+pub fn transport_stream_limit(max_link_streams: u32) -> u32 {
+    max_link_streams
+        .saturating_add(max_link_streams / 8)
+        .saturating_add(64)
+}
 
 /// Router settings (everything has a named default in [`Config::new`]).
 #[derive(Clone, Debug)]
@@ -57,8 +82,15 @@ pub struct Config {
     pub dead_after: Duration,
     /// Limit for a TCP connect to a peer.
     pub connect_timeout: Duration,
-    /// Limit for a TLS handshake plus the link's hello exchange.
+    /// Limit for a TLS or QUIC handshake plus the link's hello exchange, on both sides.
     pub handshake_timeout: Duration,
+    /// Most QUIC handshakes in progress at once on the UDP link port; more are refused (the
+    /// dialer retries).
+    pub max_handshakes: usize,
+    /// Most carried connections a neighbour may have open towards this site on one link at
+    /// once; streams beyond it are refused at once (its origin tries another site, or resets
+    /// its client). See [`transport_stream_limit`].
+    pub max_link_streams: u32,
     /// First reconnect delay after a failure.
     pub backoff_min: Duration,
     /// Largest reconnect delay.
@@ -70,7 +102,8 @@ pub struct Config {
 
 impl Config {
     /// Defaults: heartbeat every 250 ms, dead after 1 s of silence, 5 s connect and handshake
-    /// limits, reconnect backoff from 100 ms up to 2 s (so that a link is back within a few
+    /// limits, [`DEFAULT_MAX_HANDSHAKES`] QUIC handshakes at once,
+    /// [`DEFAULT_MAX_LINK_STREAMS`] streams from each neighbour, reconnect backoff from 100 ms up to 2 s (so that a link is back within a few
     /// seconds of its path, however long it was gone).
     pub fn new(site_id: Uuid, site_name: impl Into<String>) -> Self {
         Config {
@@ -80,6 +113,8 @@ impl Config {
             dead_after: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(5),
+            max_handshakes: DEFAULT_MAX_HANDSHAKES,
+            max_link_streams: DEFAULT_MAX_LINK_STREAMS,
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(2),
             access_log: true,
@@ -424,6 +459,12 @@ impl Router {
         &self.inner.config
     }
 
+    /// Where connections turned away at the link port are counted and logged (the site's TCP
+    /// link port reports to it too).
+    pub fn rejections(&self) -> &Rejections {
+        &self.inner.metrics.rejections
+    }
+
     /// Starts dialing `link` (and redialing it whenever it drops) until it is removed.
     /// Replaces a link of the same name.
     pub fn add_link(&self, link: OutgoingLink) {
@@ -489,7 +530,8 @@ impl Router {
         socket: std::net::UdpSocket,
         tls: Arc<rustls::ServerConfig>,
     ) -> std::io::Result<std::net::SocketAddr> {
-        let endpoint = link::quic::server_endpoint(socket, tls)?;
+        let limit = transport_stream_limit(self.inner.config.max_link_streams);
+        let endpoint = link::quic::server_endpoint(socket, tls, limit)?;
         let addr = endpoint.local_addr()?;
         *self.inner.quic.lock().unwrap_or_else(|e| e.into_inner()) = Some(endpoint.clone());
         tokio::spawn(link::accept::serve_quic(self.inner.clone(), endpoint));

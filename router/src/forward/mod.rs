@@ -403,6 +403,24 @@ pub(crate) async fn serve_stream(
     .await
 }
 
+/// Refuses a stream a neighbour opened beyond the link's stream limit: reads its header (so
+/// that the refusal answers the request rather than cutting it) and answers
+/// [`ConnectStatus::Refused`], which makes the origin try the next site or reset its client.
+pub(crate) async fn refuse_stream(inner: Arc<Inner>, mut send: AnySend, mut recv: AnyRecv) {
+    let read = tokio::select! {
+        read = tokio::time::timeout(HEADER_TIMEOUT, read_header(&mut recv)) => read,
+        () = inner.shutdown.cancelled() => return send.reset(),
+    };
+    if !matches!(read, Ok(Ok(_))) {
+        return send.reset();
+    }
+    let detail = format!(
+        "site {} already carries the most connections this link may open ({})",
+        inner.config.site_name, inner.config.max_link_streams
+    );
+    refuse(&mut send, ConnectStatus::Refused, detail).await;
+}
+
 async fn read_header(recv: &mut AnyRecv) -> Result<(StreamHeader, Bytes), String> {
     let mut buf = BytesMut::new();
     let mut kind_checked = false;

@@ -230,7 +230,8 @@ async fn connect_quic(
                 .next()
                 .ok_or_else(|| format!("{target}: no address"))?;
             let host = crate::endpoint_host(target);
-            let conn = quic::connect(&endpoint, tls.clone(), addr, host)
+            let limit = crate::transport_stream_limit(inner.config.max_link_streams);
+            let conn = quic::connect(&endpoint, tls.clone(), addr, host, limit)
                 .await
                 .map_err(|e| format!("{target}: {e}"))?;
             let transport = QuicTransport::new(conn);
@@ -321,7 +322,8 @@ async fn handshake(
         .write_all(&preface.encode())
         .await
         .map_err(|e| format!("{endpoint}: {e}"))?;
-    let server = ServerHalf::start(reverse, dead.clone())
+    let limit = crate::transport_stream_limit(config.max_link_streams);
+    let server = ServerHalf::start(reverse, limit, dead.clone())
         .await
         .map_err(|e| format!("{endpoint}: reverse connection: {e}"))?;
     Ok((
