@@ -4,6 +4,7 @@
 //! - [`store`]: the state directory, written atomically;
 //! - [`token`]: the access-token file format;
 //! - [`claim`]: token redemption on the link port;
+//! - [`limit`]: the per-address rate limit on redemption attempts;
 //! - [`admin`]: the admin API (HTTP + JSON on a unix socket) and its client;
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz` and `/network.svg`, and the control metrics;
 //! - [`picture`]: the network drawn as SVG and as Graphviz DOT;
@@ -17,6 +18,7 @@ pub mod admin;
 pub mod claim;
 pub mod crd;
 pub mod http;
+pub mod limit;
 pub mod logs;
 pub mod model;
 pub mod picture;
@@ -26,7 +28,7 @@ pub mod token;
 
 use std::path::PathBuf;
 
-pub use site::{init, InitOptions, Listeners};
+pub use site::{init, InitOptions, Limits, Listeners};
 pub use store::Store;
 
 /// Errors of the control part.

@@ -9,6 +9,7 @@ use clap::Subcommand;
 use skiff_control::admin::{self, StatusView};
 use skiff_control::model::DEFAULT_LINK_PORT;
 use skiff_control::site::RunOptions;
+use skiff_control::Limits;
 use skiff_control::{InitOptions, Listeners, Store};
 
 use super::output::{self, Format};
@@ -51,7 +52,60 @@ pub enum SiteCommand {
         /// How long a graceful stop waits for carried connections before it resets them.
         #[arg(long, value_parser = super::parse_duration, default_value = "10s", value_name = "DURATION")]
         drain_timeout: Duration,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
+}
+
+/// What the link port and each link accept (`site run`); see docs/security.md.
+#[derive(clap::Args, Debug)]
+pub struct LimitArgs {
+    /// Most TLS handshakes in progress at once on the link port (and, separately, QUIC
+    /// handshakes on its UDP port); connections beyond it are dropped at once.
+    #[arg(long, default_value_t = skiff_router::DEFAULT_MAX_HANDSHAKES as u32, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_handshakes: u32,
+    /// Limit for a handshake on the link port, and for what must follow it (a redemption's
+    /// claim, a link's preface); slower clients are dropped. Also this site's own link
+    /// handshakes.
+    #[arg(long, value_parser = parse_handshake_timeout, default_value = "5s", value_name = "DURATION")]
+    handshake_timeout: Duration,
+    /// Most carried connections a neighbour may have open towards this site on one link;
+    /// more are refused at once (the origin tries another site, or resets its client).
+    #[arg(long, default_value_t = skiff_router::DEFAULT_MAX_LINK_STREAMS, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_link_streams: u32,
+    /// Token redemption attempts allowed per source address and minute (after a burst of
+    /// --redemption-burst); more are refused with the time to wait.
+    #[arg(long, default_value_t = skiff_control::site::DEFAULT_REDEMPTION_RATE, value_name = "PER_MINUTE",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    redemption_rate: u32,
+    /// Redemption attempts one source address may make at once before --redemption-rate
+    /// applies.
+    #[arg(long, default_value_t = skiff_control::site::DEFAULT_REDEMPTION_BURST, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    redemption_burst: u32,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> Limits {
+        Limits {
+            max_handshakes: self.max_handshakes as usize,
+            handshake_timeout: self.handshake_timeout,
+            max_link_streams: self.max_link_streams,
+            redemption_rate: self.redemption_rate,
+            redemption_burst: self.redemption_burst,
+        }
+    }
+}
+
+/// A `--handshake-timeout`: a duration from 100ms to 5m.
+fn parse_handshake_timeout(text: &str) -> Result<Duration, String> {
+    let d = super::parse_duration(text)?;
+    if d < Duration::from_millis(100) || d > Duration::from_secs(300) {
+        return Err("must be between 100ms and 5m".into());
+    }
+    Ok(d)
 }
 
 pub async fn run(
@@ -114,12 +168,14 @@ pub async fn run(
         SiteCommand::Run {
             no_access_log,
             drain_timeout,
+            limits,
         } => {
             let options = RunOptions {
                 access_log: !no_access_log,
                 recent_logs: Some(recent_logs),
                 drain: None,
                 drain_timeout,
+                limits: limits.limits(),
             };
             run_daemon(dir, options).await
         }
