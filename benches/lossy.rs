@@ -12,7 +12,9 @@
 //! The path is a veth pair with `tc netem` on both ends when the kernel has netem; otherwise
 //! (many CI and VM kernels lack `sch_netem`) two TUN devices, one in each namespace, between
 //! which this process forwards IP packets in user space, delaying and dropping them. Either way
-//! each namespace's kernel (TCP for TLS links, UDP for QUIC) sees real loss and delay.
+//! each namespace's kernel (TCP for TLS links, UDP for QUIC) sees real loss and delay. The
+//! namespaces, the veth pair, netem and the emulator are `tests/common/netns.rs`, shared with
+//! the fault suite.
 //!
 //! Scenarios, each with fresh sites and a fresh link: `quic` (`link create --transport quic`),
 //! `tls` (`--transport tls`, the namespaces' TCP congestion control being CUBIC, Linux's
@@ -45,9 +47,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use netns::{Emulator, End, Impairment, Netns, Stats, Veth};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+#[path = "../tests/common/netns.rs"]
+mod netns;
 
 /// Concurrent transfers per measurement.
 const STREAMS: usize = 16;
@@ -64,13 +70,12 @@ const LISTEN_PORT: u16 = 9100;
 /// Addresses of the two ends of the impaired path (TEST-NET-1, inside our namespaces only).
 const ADDR_A: &str = "192.0.2.1";
 const ADDR_B: &str = "192.0.2.2";
+/// Their prefix length.
+const PREFIX: &str = "/30";
 /// Bound on one CLI command, and on a daemon answering after start.
 const CLI_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bound on the link coming up and the listener learning its route.
 const ROUTE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Bound on the emulator's queue per direction (memory); packets beyond it are dropped and
-/// counted.
-const QUEUE_PACKETS: usize = 16_384;
 
 /// I/O buffer for the sink and the client.
 const CHUNK: usize = 64 * 1024;
@@ -88,30 +93,13 @@ fn main() {
     if !args.iter().any(|a| a == "--bench") {
         return;
     }
-    if let Some(reason) = cannot_run() {
+    if let Some(reason) = netns::cannot_run() {
         println!("lossy: skipped: {reason}");
         return;
     }
     if let Err(e) = bench() {
         eprintln!("lossy: FAILED: {e:#}");
         std::process::exit(1);
-    }
-}
-
-/// Why this machine cannot run the bench, if it cannot.
-fn cannot_run() -> Option<String> {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let root = status
-        .lines()
-        .find(|l| l.starts_with("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(2))
-        == Some("0");
-    if !root {
-        return Some("needs root (network namespaces, TUN devices)".into());
-    }
-    match Command::new("ip").arg("-V").output() {
-        Ok(out) if out.status.success() => None,
-        _ => Some("needs the `ip` command (iproute2)".into()),
     }
 }
 
@@ -131,45 +119,6 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 // ---------------------------------------------------------------------------------------------
 // The benchmark
 
-/// The impairment of each direction of the path.
-#[derive(Clone, Copy)]
-struct Impairment {
-    /// One-way delay.
-    delay: Duration,
-    /// Loss probability in parts per million.
-    loss_ppm: u64,
-    /// Bottleneck rate in kbit/s, 0 for none.
-    rate_kbit: u64,
-    /// The bottleneck's buffer, as the longest a packet may wait in it; packets that would wait
-    /// longer are dropped (tail drop).
-    queue: Duration,
-}
-
-impl Impairment {
-    const NONE: Impairment = Impairment {
-        delay: Duration::ZERO,
-        loss_ppm: 0,
-        rate_kbit: 0,
-        queue: Duration::ZERO,
-    };
-
-    fn describe(&self) -> String {
-        let rate = match self.rate_kbit {
-            0 => "no rate limit".to_string(),
-            kbit => format!(
-                "{} Mbit/s bottleneck with a {} ms tail-drop queue",
-                kbit as f64 / 1000.0,
-                self.queue.as_millis()
-            ),
-        };
-        format!(
-            "{} ms delay, {}% random loss, {rate}; each direction",
-            self.delay.as_millis(),
-            self.loss_ppm as f64 / 10_000.0
-        )
-    }
-}
-
 fn bench() -> Result<()> {
     let started = Instant::now();
     let pid = std::process::id();
@@ -185,15 +134,10 @@ fn bench() -> Result<()> {
     let transports =
         std::env::var("SKIFF_LOSSY_TRANSPORTS").unwrap_or_else(|_| "quic,tls,tls:bbr".into());
     let path_kind = std::env::var("SKIFF_LOSSY_PATH").unwrap_or_else(|_| "auto".into());
-    remove_stale_namespaces();
+    netns::remove_stale("skiff-lossy-");
 
     let ns_a = Netns::create(&format!("skiff-lossy-a-{pid}"))?;
     let ns_b = Netns::create(&format!("skiff-lossy-b-{pid}"))?;
-    for ns in [&ns_a, &ns_b] {
-        ns.run(&["ip", "link", "set", "lo", "up"])?;
-        // Keep the path quiet: no IPv6 autoconfiguration chatter.
-        let _ = ns.run(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"]);
-    }
     let path = Wire::create(&path_kind, &ns_a, &ns_b, pid, impairment)?;
     eprintln!(
         "lossy: path {} between {} ({ADDR_A}) and {} ({ADDR_B})",
@@ -693,76 +637,6 @@ fn wait_until(what: &str, bound: Duration, mut check: impl FnMut() -> Result<boo
 // ---------------------------------------------------------------------------------------------
 // Namespaces, processes and sites, each removed or killed when dropped
 
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn create(name: &str) -> Result<Netns> {
-        run(Command::new("ip").args(["netns", "add", name]), CLI_TIMEOUT)?;
-        Ok(Netns { name: name.into() })
-    }
-
-    fn command(&self, program: &str, args: &[&str]) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name, program]).args(args);
-        cmd
-    }
-
-    fn run(&self, argv: &[&str]) -> Result<String> {
-        run(&mut self.command(argv[0], &argv[1..]), CLI_TIMEOUT)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        kill_namespace_pids(&self.name);
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-/// Kills the processes still in namespace `name` (ours: they were started there by this bench).
-fn kill_namespace_pids(name: &str) {
-    let Ok(out) = Command::new("ip").args(["netns", "pids", name]).output() else {
-        return;
-    };
-    for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-        let _ = Command::new("kill").args(["-KILL", pid]).status();
-    }
-}
-
-/// Removes namespaces left by an earlier run of this bench that was killed (its pid is gone).
-fn remove_stale_namespaces() {
-    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
-        return;
-    };
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Some(name) = line.split_whitespace().next() else {
-            continue;
-        };
-        let Some(pid) = name
-            .strip_prefix("skiff-lossy-a-")
-            .or_else(|| name.strip_prefix("skiff-lossy-b-"))
-        else {
-            continue;
-        };
-        if pid.parse::<u32>().is_ok() && !Path::new(&format!("/proc/{pid}")).exists() {
-            eprintln!("lossy: removing stale namespace {name}");
-            kill_namespace_pids(name);
-            let _ = Command::new("ip").args(["netns", "del", name]).status();
-        }
-    }
-}
-
-/// Runs `cmd` to completion within `bound`; its stdout, or an error with its stderr.
-fn run(cmd: &mut Command, bound: Duration) -> Result<String> {
-    let desc = format!("{cmd:?}");
-    let mut child = Proc::spawn(cmd, &desc, true)?;
-    child.wait_output(bound)
-}
-
 /// A child process, killed when dropped.
 struct Proc {
     child: Child,
@@ -868,7 +742,7 @@ impl<'a> Site<'a> {
         let state = dir.join(name);
         let log = dir.join(format!("{name}.log"));
         let state_str = state.to_str().context("path")?;
-        run(
+        netns::run(
             &mut ns.command(
                 env!("CARGO_BIN_EXE_skiff"),
                 &[
@@ -911,7 +785,7 @@ impl<'a> Site<'a> {
         let state = self.state.to_str().context("path")?;
         let mut full = vec!["--state-dir", state];
         full.extend_from_slice(args);
-        run(
+        netns::run(
             &mut self.ns.command(env!("CARGO_BIN_EXE_skiff"), &full),
             CLI_TIMEOUT,
         )
@@ -923,356 +797,51 @@ impl<'a> Site<'a> {
 
 /// The path between the namespaces: netem on a veth pair, or the user-space emulator.
 enum Wire {
-    Netem(Impairment),
+    Netem(Impairment, #[allow(dead_code)] Veth),
     Tun(Emulator),
 }
 
 impl Wire {
     fn create(kind: &str, a: &Netns, b: &Netns, pid: u32, imp: Impairment) -> Result<Wire> {
+        let (dev_a, dev_b) = (format!("skl-a-{pid}"), format!("skl-b-{pid}"));
+        let (addr_a, addr_b) = (format!("{ADDR_A}{PREFIX}"), format!("{ADDR_B}{PREFIX}"));
+        let end_a = End {
+            ns: a,
+            dev: &dev_a,
+            addr: &addr_a,
+        };
+        let end_b = End {
+            ns: b,
+            dev: &dev_b,
+            addr: &addr_b,
+        };
         if kind != "tun" {
-            match netem_path(a, b, pid, imp) {
-                Ok(()) => return Ok(Wire::Netem(imp)),
+            let veth = Veth::create(end_a, end_b)?;
+            let shaped = netns::netem(a, &dev_a, imp).and_then(|()| netns::netem(b, &dev_b, imp));
+            match shaped {
+                Ok(()) => return Ok(Wire::Netem(imp, veth)),
                 Err(e) if kind == "netem" => return Err(e),
                 Err(e) => eprintln!("lossy: netem unavailable ({e:#}); emulating the path"),
             }
+            // The TUN devices take the same names.
+            drop(veth);
         }
-        Ok(Wire::Tun(Emulator::create(a, b, pid, imp)?))
+        Ok(Wire::Tun(Emulator::create(end_a, end_b, imp)?))
     }
 
     fn describe(&self) -> String {
         match self {
-            Wire::Netem(imp) => format!("veth + tc netem: {}", imp.describe()),
+            Wire::Netem(imp, _) => format!("veth + tc netem: {}", imp.describe()),
             Wire::Tun(emu) => format!("TUN + user-space emulator: {}", emu.impairment.describe()),
         }
     }
 
     fn stats(&self) -> Stats {
         match self {
-            Wire::Netem(_) => Stats::default(),
+            Wire::Netem(..) => Stats::default(),
             Wire::Tun(emu) => emu.stats(),
         }
     }
-}
-
-fn netem_path(a: &Netns, b: &Netns, pid: u32, imp: Impairment) -> Result<()> {
-    let (va, vb) = (format!("skl-a-{pid}"), format!("skl-b-{pid}"));
-    run(
-        Command::new("ip").args([
-            "link", "add", &va, "netns", &a.name, "type", "veth", "peer", "name", &vb, "netns",
-            &b.name,
-        ]),
-        CLI_TIMEOUT,
-    )?;
-    let delay = format!("{}ms", imp.delay.as_millis());
-    let loss = format!("{}%", imp.loss_ppm as f64 / 10_000.0);
-    let mut netem = vec!["netem", "delay", &delay, "loss", &loss];
-    let rate = format!("{}kbit", imp.rate_kbit);
-    // netem's limit counts packets in its delay line too: the queue plus one delay's worth of
-    // full-size packets at the rate.
-    let limit = if imp.rate_kbit > 0 {
-        let packets_per_s = imp.rate_kbit * 1000 / (1500 * 8);
-        (packets_per_s * (imp.delay + imp.queue).as_millis() as u64 / 1000).max(100)
-    } else {
-        100_000
-    }
-    .to_string();
-    if imp.rate_kbit > 0 {
-        netem.extend(["rate", &rate]);
-    }
-    netem.extend(["limit", &limit]);
-    for (ns, dev, addr) in [(a, &va, ADDR_A), (b, &vb, ADDR_B)] {
-        let mut tc = vec!["tc", "qdisc", "add", "dev", dev, "root"];
-        tc.extend(&netem);
-        let configured = ns
-            .run(&tc)
-            .and_then(|_| ns.run(&["ip", "addr", "add", &format!("{addr}/30"), "dev", dev]))
-            .and_then(|_| ns.run(&["ip", "link", "set", dev, "up"]));
-        if let Err(e) = configured {
-            let _ = a.run(&["ip", "link", "del", &va]);
-            return Err(e);
-        }
-    }
-    Ok(())
-}
-
-/// Forwards IP packets between two TUN devices (one in each namespace). Each direction, like
-/// netem: a packet is dropped at random with the loss probability (a seeded xorshift, so runs
-/// are repeatable); otherwise it queues for the bottleneck (when there is a rate), is dropped
-/// when it would wait there longer than the queue allows, and leaves once serialised at the rate
-/// plus the one-way delay. The queue is also bounded by [`QUEUE_PACKETS`]; every drop is
-/// counted. The devices disappear when the emulator (its runtime and file descriptors) drops.
-struct Emulator {
-    runtime: Option<tokio::runtime::Runtime>,
-    impairment: Impairment,
-    knobs: Arc<Knobs>,
-    counters: [Arc<Counters>; 2],
-    names: [(String, String); 2],
-}
-
-/// The impairment in force, changeable while packets flow.
-#[derive(Default)]
-struct Knobs {
-    delay_us: AtomicU64,
-    loss_ppm: AtomicU64,
-    rate_kbit: AtomicU64,
-    queue_us: AtomicU64,
-}
-
-#[derive(Default)]
-struct Counters {
-    received: AtomicU64,
-    forwarded: AtomicU64,
-    bytes: AtomicU64,
-    dropped_loss: AtomicU64,
-    dropped_overflow: AtomicU64,
-    max_udp: AtomicU64,
-}
-
-/// Emulator counters, both directions summed, plus what the kernel dropped at the TUN queues.
-#[derive(Default, Clone, Debug)]
-struct Stats {
-    received: u64,
-    forwarded: u64,
-    bytes: u64,
-    dropped_loss: u64,
-    dropped_overflow: u64,
-    max_udp: u64,
-    tun_tx_dropped: u64,
-}
-
-impl Stats {
-    fn since(&self, before: &Stats) -> Stats {
-        Stats {
-            received: self.received - before.received,
-            forwarded: self.forwarded - before.forwarded,
-            bytes: self.bytes - before.bytes,
-            dropped_loss: self.dropped_loss - before.dropped_loss,
-            dropped_overflow: self.dropped_overflow - before.dropped_overflow,
-            max_udp: self.max_udp,
-            tun_tx_dropped: self.tun_tx_dropped - before.tun_tx_dropped,
-        }
-    }
-
-    fn json(&self) -> Value {
-        json!({
-            "received": self.received,
-            "forwarded": self.forwarded,
-            "bytes": self.bytes,
-            "dropped_loss": self.dropped_loss,
-            "dropped_overflow": self.dropped_overflow,
-            "max_udp_packet": self.max_udp,
-            "tun_tx_dropped": self.tun_tx_dropped,
-        })
-    }
-
-    fn describe(&self) -> String {
-        format!(
-            "{} packets, {} forwarded, {} dropped at random, {} at the bottleneck queue, {} at \
-             the TUN queues, largest UDP packet {} bytes",
-            self.received,
-            self.forwarded,
-            self.dropped_loss,
-            self.dropped_overflow,
-            self.tun_tx_dropped,
-            self.max_udp
-        )
-    }
-}
-
-impl Emulator {
-    fn create(a: &Netns, b: &Netns, pid: u32, imp: Impairment) -> Result<Emulator> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()?;
-        let names = [
-            (format!("skl-a-{pid}"), a.name.clone()),
-            (format!("skl-b-{pid}"), b.name.clone()),
-        ];
-        let mut devices = Vec::new();
-        {
-            let _enter = runtime.enter();
-            for (((dev, _), ns), addr) in names.iter().zip([a, b]).zip([ADDR_A, ADDR_B]) {
-                let device = tun_rs::DeviceBuilder::new()
-                    .name(dev)
-                    .mtu(1500)
-                    // Room for bursts while the emulator is descheduled (the default is 500).
-                    .tx_queue_len(10_000)
-                    .build_async()
-                    .with_context(|| format!("cannot create TUN device {dev}"))?;
-                run(
-                    Command::new("ip").args(["link", "set", dev, "netns", &ns.name]),
-                    CLI_TIMEOUT,
-                )?;
-                ns.run(&["ip", "addr", "add", &format!("{addr}/30"), "dev", dev])?;
-                ns.run(&["ip", "link", "set", dev, "up"])?;
-                devices.push(Arc::new(device));
-            }
-        }
-        let knobs = Arc::new(Knobs::default());
-        let counters = [Arc::new(Counters::default()), Arc::new(Counters::default())];
-        for (dir, (from, to)) in [(0, 1), (1, 0)].into_iter().enumerate() {
-            runtime.spawn(pump(
-                devices[from].clone(),
-                devices[to].clone(),
-                knobs.clone(),
-                counters[dir].clone(),
-                0x5eed_0000_0000_0001 + dir as u64,
-            ));
-        }
-        let emulator = Emulator {
-            runtime: Some(runtime),
-            impairment: imp,
-            knobs,
-            counters,
-            names,
-        };
-        emulator.set(imp);
-        Ok(emulator)
-    }
-
-    fn set(&self, imp: Impairment) {
-        let k = &self.knobs;
-        k.delay_us
-            .store(imp.delay.as_micros() as u64, Ordering::Relaxed);
-        k.loss_ppm.store(imp.loss_ppm, Ordering::Relaxed);
-        k.rate_kbit.store(imp.rate_kbit, Ordering::Relaxed);
-        k.queue_us
-            .store(imp.queue.as_micros() as u64, Ordering::Relaxed);
-    }
-
-    /// Forgets the largest packet seen so far.
-    fn reset_max(&self) {
-        for c in &self.counters {
-            c.max_udp.store(0, Ordering::Relaxed);
-        }
-    }
-
-    fn stats(&self) -> Stats {
-        let mut s = Stats::default();
-        for c in &self.counters {
-            s.received += c.received.load(Ordering::Relaxed);
-            s.forwarded += c.forwarded.load(Ordering::Relaxed);
-            s.bytes += c.bytes.load(Ordering::Relaxed);
-            s.dropped_loss += c.dropped_loss.load(Ordering::Relaxed);
-            s.dropped_overflow += c.dropped_overflow.load(Ordering::Relaxed);
-            s.max_udp = s.max_udp.max(c.max_udp.load(Ordering::Relaxed));
-        }
-        for (dev, ns) in &self.names {
-            s.tun_tx_dropped += tun_tx_dropped(ns, dev).unwrap_or(0);
-        }
-        s
-    }
-}
-
-impl Drop for Emulator {
-    fn drop(&mut self) {
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_timeout(Duration::from_secs(1));
-        }
-    }
-}
-
-/// Packets the kernel dropped because the emulator did not read the TUN device fast enough.
-fn tun_tx_dropped(ns: &str, dev: &str) -> Option<u64> {
-    let out = Command::new("ip")
-        .args(["-n", ns, "-j", "-s", "link", "show", "dev", dev])
-        .output()
-        .ok()?;
-    let v: Value = serde_json::from_slice(&out.stdout).ok()?;
-    v[0]["stats64"]["tx"]["dropped"].as_u64()
-}
-
-/// xorshift64*: a small, seeded generator, enough to drop packets at random.
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
-
-/// One direction: reads packets from `from`, drops some, delays the rest, writes them to `to`.
-async fn pump(
-    from: Arc<tun_rs::AsyncDevice>,
-    to: Arc<tun_rs::AsyncDevice>,
-    knobs: Arc<Knobs>,
-    counters: Arc<Counters>,
-    seed: u64,
-) {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(tokio::time::Instant, Vec<u8>)>(QUEUE_PACKETS);
-    // The writer is a thread, not a task: std::thread::sleep wakes within tens of microseconds
-    // (tokio's timer has 1 ms granularity), so packets leave spaced as the bottleneck spaces
-    // them instead of in 1 ms bursts, as netem's high-resolution timers would.
-    let writer = {
-        let counters = counters.clone();
-        std::thread::spawn(move || {
-            while let Some((due, packet)) = rx.blocking_recv() {
-                let wait = due.into_std().saturating_duration_since(Instant::now());
-                if !wait.is_zero() {
-                    std::thread::sleep(wait);
-                }
-                loop {
-                    match to.try_send(&packet) {
-                        Ok(_) => {
-                            counters.forwarded.fetch_add(1, Ordering::Relaxed);
-                            counters
-                                .bytes
-                                .fetch_add(packet.len() as u64, Ordering::Relaxed);
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                            std::thread::sleep(Duration::from_micros(20));
-                            continue;
-                        }
-                        Err(_) => {}
-                    }
-                    break;
-                }
-            }
-        })
-    };
-    let reader = async move {
-        let mut rng = XorShift(seed);
-        let mut buf = vec![0u8; 65_536];
-        // When the bottleneck has sent everything queued so far.
-        let mut idle_at = tokio::time::Instant::now();
-        loop {
-            let Ok(n) = from.recv(&mut buf).await else {
-                return;
-            };
-            counters.received.fetch_add(1, Ordering::Relaxed);
-            if buf.get(9) == Some(&17) {
-                counters.max_udp.fetch_max(n as u64, Ordering::Relaxed);
-            }
-            if rng.next() % 1_000_000 < knobs.loss_ppm.load(Ordering::Relaxed) {
-                counters.dropped_loss.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            let now = tokio::time::Instant::now();
-            let mut sent_at = now;
-            // Nanoseconds the packet takes to cross the bottleneck (none without a rate).
-            let serialise =
-                (n as u64 * 8_000_000).checked_div(knobs.rate_kbit.load(Ordering::Relaxed));
-            if let Some(ns) = serialise {
-                let start = idle_at.max(now);
-                if start - now > Duration::from_micros(knobs.queue_us.load(Ordering::Relaxed)) {
-                    counters.dropped_overflow.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                }
-                idle_at = start + Duration::from_nanos(ns);
-                sent_at = idle_at;
-            }
-            let due = sent_at + Duration::from_micros(knobs.delay_us.load(Ordering::Relaxed));
-            if tx.try_send((due, buf[..n].to_vec())).is_err() {
-                counters.dropped_overflow.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    };
-    reader.await;
-    drop(writer); // it ends once the reader (and with it the channel's sender) is gone
 }
 
 // ---------------------------------------------------------------------------------------------

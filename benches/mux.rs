@@ -34,9 +34,9 @@ async fn h2(streams: usize) -> f64 {
     let (dead_a, dead_b) = (CancellationToken::new(), CancellationToken::new());
     let (ca, sb, cb, sa) = tokio::join!(
         ClientHalf::start(fwd_a, dead_a.clone()),
-        ServerHalf::start(fwd_b, dead_b.clone()),
+        ServerHalf::start(fwd_b, 1000, dead_b.clone()),
         ClientHalf::start(rev_b, dead_b.clone()),
-        ServerHalf::start(rev_a, dead_a.clone()),
+        ServerHalf::start(rev_a, 1000, dead_a.clone()),
     );
     let a = TlsTransport::new(ca.unwrap(), sa.unwrap(), dead_a);
     let b = std::sync::Arc::new(TlsTransport::new(cb.unwrap(), sb.unwrap(), dead_b));

@@ -88,6 +88,10 @@ impl ControlMetrics {
 pub trait Endpoints: Send + Sync + 'static {
     /// True once state is loaded and listeners are bound.
     fn ready(&self) -> bool;
+    /// True while the site drains before it stops (it is then not ready).
+    fn draining(&self) -> bool {
+        false
+    }
     /// The network picture (SVG).
     fn network_svg(&self) -> String;
 }
@@ -139,6 +143,11 @@ fn answer(path: &str, site: &dyn Endpoints, registry: &Registry) -> Response<Ful
             }
         }
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".into()),
+        "/readyz" if site.draining() => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "draining\n".into(),
+        ),
         "/readyz" if site.ready() => (StatusCode::OK, "text/plain", "ready\n".into()),
         "/readyz" => (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -4,6 +4,7 @@
 //! - [`store`]: the state directory, written atomically;
 //! - [`token`]: the access-token file format;
 //! - [`claim`]: token redemption on the link port;
+//! - [`limit`]: the per-address rate limit on redemption attempts;
 //! - [`admin`]: the admin API (HTTP + JSON on a unix socket) and its client;
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz` and `/network.svg`, and the control metrics;
 //! - [`picture`]: the network drawn as SVG and as Graphviz DOT;
@@ -19,6 +20,7 @@ pub mod claim;
 pub mod controller;
 pub mod crd;
 pub mod http;
+pub mod limit;
 pub mod logs;
 pub mod model;
 pub mod picture;
@@ -28,7 +30,7 @@ pub mod token;
 
 use std::path::PathBuf;
 
-pub use site::{init, InitOptions, Listeners};
+pub use site::{init, InitOptions, Limits, Listeners};
 pub use store::Store;
 
 /// Errors of the control part.
@@ -49,6 +51,19 @@ pub enum Error {
         path: PathBuf,
         /// What failed.
         source: std::io::Error,
+    },
+    /// The state dir's filesystem is full (or the user's quota is spent); the write was not
+    /// made, and the file it was to replace is intact.
+    #[error(
+        "no space left on device writing {}: free space in {} and try again",
+        path.display(),
+        dir.display()
+    )]
+    NoSpace {
+        /// The file that could not be written.
+        path: PathBuf,
+        /// The state dir.
+        dir: PathBuf,
     },
     /// A state file cannot be parsed.
     #[error("{} is corrupt ({reason}); restore it from a backup or re-create the site", path.display())]

@@ -31,13 +31,8 @@ use crate::model::{
 use crate::store::{Mode, Store};
 use crate::token::{AccessToken, Issuer, Metadata, Secret, TokenSpec};
 use crate::Error;
+use skiff_router::reject::{Endpoint, Reason};
 
-/// Most TLS handshakes on the link port in progress at once; more wait in the kernel backlog.
-const MAX_HANDSHAKES: usize = 256;
-/// Limit for a TLS handshake on the link port (slow clients are dropped).
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Limit for a redeeming client to send its claim after the handshake.
-const CLAIM_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most token redemptions answered at once; more are refused until one finishes.
 const MAX_CLAIMS: usize = 32;
 /// Default wait for `link create`.
@@ -143,9 +138,18 @@ pub struct Site {
     recent_logs: Option<crate::logs::Recent>,
     /// Set once state is loaded and listeners are bound (`/readyz`).
     ready: std::sync::atomic::AtomicBool,
+    /// Set when a graceful stop begins (`/readyz` says `draining`).
+    draining: std::sync::atomic::AtomicBool,
     /// When the link server certificate expires.
     server_expires: Option<SystemTime>,
+    /// What the link port accepts.
+    limits: Limits,
+    /// Redemption attempts by source address.
+    claim_limiter: Mutex<crate::limit::AddressLimiter>,
 }
+
+/// Default of [`RunOptions::drain_timeout`].
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Options of the daemon beyond what the state dir holds.
 #[derive(Clone, Debug)]
@@ -154,6 +158,14 @@ pub struct RunOptions {
     pub access_log: bool,
     /// Where the logger keeps recent lines (served to `skiff debug dump`).
     pub recent_logs: Option<crate::logs::Recent>,
+    /// Fires to ask for a graceful stop (the binary fires it on the first SIGTERM or SIGINT):
+    /// the site drains for at most `drain_timeout`, then stops. `None`: only the shutdown
+    /// token stops the site, at once.
+    pub drain: Option<CancellationToken>,
+    /// How long a graceful stop waits for carried connections to finish.
+    pub drain_timeout: Duration,
+    /// What the link port and each link accept.
+    pub limits: Limits,
 }
 
 impl Default for RunOptions {
@@ -161,11 +173,75 @@ impl Default for RunOptions {
         RunOptions {
             access_log: true,
             recent_logs: None,
+            drain: None,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            limits: Limits::default(),
         }
     }
 }
 
-/// Runs the site daemon in `store` until `shutdown` fires.
+/// What the link port and each link accept (the `skiff site run` flags of the same names).
+/// Everything anyone who can reach the link port can make the site spend is bounded here.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Most handshakes in progress at once on the TCP link port, and (separately) on the UDP
+    /// one; connections beyond it are dropped at once rather than queued.
+    pub max_handshakes: usize,
+    /// Limit for a TLS or QUIC handshake on the link port, and for what must follow it (a
+    /// link's preface, a redemption's claim); also for this site's own link handshakes.
+    pub handshake_timeout: Duration,
+    /// Most carried connections a neighbour may have open towards this site on one link
+    /// (see [`skiff_router::Config::max_link_streams`]).
+    pub max_link_streams: u32,
+    /// Token redemption attempts allowed per source address and minute, after a burst.
+    pub redemption_rate: u32,
+    /// Redemption attempts one source address may make at once before the rate applies.
+    pub redemption_burst: u32,
+}
+
+/// Default of [`Limits::handshake_timeout`].
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default of [`Limits::redemption_rate`].
+pub const DEFAULT_REDEMPTION_RATE: u32 = 10;
+/// Default of [`Limits::redemption_burst`].
+pub const DEFAULT_REDEMPTION_BURST: u32 = 5;
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_handshakes: skiff_router::DEFAULT_MAX_HANDSHAKES,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_link_streams: skiff_router::DEFAULT_MAX_LINK_STREAMS,
+            redemption_rate: DEFAULT_REDEMPTION_RATE,
+            redemption_burst: DEFAULT_REDEMPTION_BURST,
+        }
+    }
+}
+
+impl Limits {
+    /// Checks every limit is usable; says which flag to fix.
+    pub fn check(&self) -> Result<(), Error> {
+        let bad = |m: &str| Err(Error::Invalid(m.to_string()));
+        if self.max_handshakes == 0 {
+            return bad("--max-handshakes must be at least 1");
+        }
+        if self.handshake_timeout < Duration::from_millis(100)
+            || self.handshake_timeout > Duration::from_secs(300)
+        {
+            return bad("--handshake-timeout must be between 100ms and 5m");
+        }
+        if self.max_link_streams == 0 {
+            return bad("--max-link-streams must be at least 1");
+        }
+        if self.redemption_rate == 0 || self.redemption_burst == 0 {
+            return bad("--redemption-rate and --redemption-burst must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// Runs the site daemon in `store` until `shutdown` fires; then it stops at once, resetting
+/// the connections it still carries.
 pub async fn run(
     store: Store,
     listeners: Listeners,
@@ -174,7 +250,10 @@ pub async fn run(
     run_with(store, listeners, RunOptions::default(), shutdown).await
 }
 
-/// [`run`] with options.
+/// [`run`] with options, among them a graceful stop: when `options.drain` fires, the site
+/// drains (see [`skiff_router::Router::drain`]; `/readyz` answers 503 `draining`) until its
+/// carried connections have finished, `options.drain_timeout` has passed or `shutdown` fires,
+/// whichever comes first; then it stops, resetting whatever is still carried.
 pub async fn run_with(
     store: Store,
     mut listeners: Listeners,
@@ -219,10 +298,17 @@ pub async fn run_with(
         "site running"
     );
     tasks.spawn(watch_certificates(site.clone(), shutdown.clone()));
-    shutdown.cancelled().await;
-    // Every task watches the same token; wait (bounded) for them to wind down.
+    let drain = options.drain.clone().unwrap_or_default();
+    tokio::select! {
+        () = shutdown.cancelled() => {}
+        () = drain.cancelled() => site.drain(options.drain_timeout, &shutdown).await,
+    }
+    shutdown.cancel();
+    // Every task watches the same token; wait (bounded) for them to wind down, and for the
+    // carried connections' resets to go out before the process exits.
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         while tasks.join_next().await.is_some() {}
+        site.router.wait_carried().await;
     })
     .await;
     let _ = std::fs::remove_file(site.core.store.admin_socket());
@@ -238,6 +324,7 @@ impl Site {
         registry: &mut prometheus_client::registry::Registry,
         shutdown: CancellationToken,
     ) -> Result<Self, Error> {
+        options.limits.check()?;
         let config = store.load_config()?;
         let authority = Authority::from_pem(&store.read("ca.pem")?, &store.read("ca.key")?)?;
         let state = store.load_state()?;
@@ -264,6 +351,9 @@ impl Site {
         });
         let mut router_config = skiff_router::Config::new(config.id, config.name.clone());
         router_config.access_log = options.access_log;
+        router_config.handshake_timeout = options.limits.handshake_timeout;
+        router_config.max_handshakes = options.limits.max_handshakes;
+        router_config.max_link_streams = options.limits.max_link_streams;
         let router = Router::new(
             router_config,
             core.clone(),
@@ -304,10 +394,59 @@ impl Site {
             registry: std::sync::OnceLock::new(),
             recent_logs: options.recent_logs.clone(),
             ready: std::sync::atomic::AtomicBool::new(false),
+            draining: std::sync::atomic::AtomicBool::new(false),
             server_expires: server.not_after().ok(),
+            limits: options.limits.clone(),
+            claim_limiter: Mutex::new(crate::limit::AddressLimiter::new(
+                options.limits.redemption_rate,
+                options.limits.redemption_burst,
+            )),
         };
         site.apply_connectors();
         Ok(site)
+    }
+
+    /// Drains (see [`run_with`]) until the carried connections have finished, `timeout` has
+    /// passed or `stop` fires.
+    async fn drain(&self, timeout: Duration, stop: &CancellationToken) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Release);
+        let carried = self.router.drain();
+        tracing::info!(
+            carried,
+            timeout_s = timeout.as_secs_f64(),
+            "draining: listeners closed and connectors withdrawn; waiting for carried \
+             connections to finish (SIGTERM or Ctrl-C again stops at once)"
+        );
+        tokio::select! {
+            () = self.router.wait_carried() => {
+                tracing::info!("drained: every carried connection finished");
+                // QUIC streams were waited for until acknowledged; HTTP/2 acknowledges nothing
+                // per stream, so give TLS links a moment to deliver the last frames of the
+                // connections that just finished before they close.
+                let rtt = self
+                    .router
+                    .links()
+                    .iter()
+                    .filter_map(|l| l.rtt)
+                    .max()
+                    .unwrap_or_default();
+                let linger = (rtt * 4).clamp(Duration::from_millis(200), Duration::from_secs(1));
+                tokio::time::sleep(linger).await;
+            }
+            () = tokio::time::sleep(timeout) => {
+                tracing::warn!(
+                    left = self.router.carried(),
+                    "drain timeout: resetting the connections still carried"
+                );
+            }
+            () = stop.cancelled() => {
+                tracing::warn!(
+                    left = self.router.carried(),
+                    "stopping now: resetting the connections still carried"
+                );
+            }
+        }
     }
 
     /// Binds every stored listener; one that cannot be bound is reported, not fatal.
@@ -822,7 +961,26 @@ impl Site {
             Ok(pair) => pair,
             Err(e) => return admin::error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         };
-        let cert_pem = match claim::redeem(&token, config.id, &config.name, &csr_pem).await {
+        // Spending the token's use at the issuer cannot be undone: make sure first that the
+        // link's files will fit (its certificate, and the state file written anew beside the
+        // old one), so that a full disk fails here, with the token unspent.
+        let room = {
+            let state = serde_json::to_vec_pretty(&*self.core.lock()).map_or(0, |v| v.len());
+            let page = |n: usize| n.div_ceil(4096) * 4096;
+            page(8 * 1024) + page(state + 4096)
+        };
+        let reservation = match self.core.store.reserve(room) {
+            Ok(reservation) => reservation,
+            Err(e) => {
+                return admin::error(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    format!("link not created (the token was not used): {e}"),
+                )
+            }
+        };
+        let redeemed = claim::redeem(&token, config.id, &config.name, &csr_pem).await;
+        drop(reservation);
+        let cert_pem = match redeemed {
             Ok(cert) => cert,
             Err(e) => return admin::error(StatusCode::BAD_GATEWAY, e.to_string()),
         };
@@ -1050,26 +1208,54 @@ impl Site {
         })
     }
 
-    /// Answers one redemption on the link port.
-    async fn serve_claim(&self, mut tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>) {
-        let request = match tokio::time::timeout(CLAIM_TIMEOUT, claim::read_frame(&mut tls)).await {
+    /// Answers one redemption on the link port, from `from`.
+    async fn serve_claim(
+        &self,
+        mut tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+        from: std::net::SocketAddr,
+    ) {
+        let allowed = self
+            .claim_limiter
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .check(from.ip(), std::time::Instant::now());
+        // The claim is read even from an address over its rate: closing with its bytes unread
+        // would send a reset that can overtake the answer, and the answer says when to retry.
+        let limit = self.limits.handshake_timeout;
+        let request = match tokio::time::timeout(limit, claim::read_frame(&mut tls)).await {
             Ok(Ok(raw)) => serde_json::from_slice::<ClaimRequest>(&raw)
-                .map_err(|e| format!("malformed claim: {e}")),
-            Ok(Err(e)) => Err(format!("unreadable claim: {e}")),
-            Err(_) => Err("no claim sent within 5 s".to_string()),
+                .map_err(|e| Refusal::bad_claim(malformed_claim(&e))),
+            Ok(Err(e)) => Err(Refusal::bad_claim(format!("unreadable claim: {e}"))),
+            Err(_) => Err(Refusal::bad_claim(format!(
+                "no claim sent within {}",
+                humantime::format_duration(limit)
+            ))),
         };
-        let response = match request
-            .map_err(|e| ("invalid", e))
-            .and_then(|r| self.redeem(r))
-        {
+        let outcome = match allowed {
+            Err(wait) => Err(Refusal::rate_limited(from.ip(), wait)),
+            Ok(()) => request.and_then(|r| self.redeem(r)),
+        };
+        let response = match outcome {
             Ok(cert) => {
                 self.metrics.redemption("granted");
                 ClaimResponse::Granted { cert }
             }
-            Err((result, reason)) => {
-                self.metrics.redemption(result);
-                tracing::warn!(%reason, "token redemption refused");
-                ClaimResponse::Refused { reason }
+            Err(refusal) => {
+                self.metrics.redemption(refusal.result);
+                match refusal.rejection {
+                    Some(reason) => self.router.rejections().reject(
+                        Endpoint::Claim,
+                        reason,
+                        from,
+                        &refusal.message,
+                    ),
+                    None => {
+                        tracing::warn!(%from, reason = %refusal.message, "token redemption refused")
+                    }
+                }
+                ClaimResponse::Refused {
+                    reason: refusal.message,
+                }
             }
         };
         if let Ok(body) = serde_json::to_vec(&response) {
@@ -1078,26 +1264,44 @@ impl Site {
         let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls).await;
     }
 
-    /// Redeems a claim: the signed client certificate, or the metric label and the reason.
-    fn redeem(&self, req: ClaimRequest) -> Result<String, (&'static str, String)> {
+    /// Redeems a claim: the signed client certificate, or why not.
+    fn redeem(&self, req: ClaimRequest) -> Result<String, Refusal> {
         let config = &self.core.config;
-        model::check_name("site", &req.site_name).map_err(|e| ("invalid", e.to_string()))?;
+        let presented = sha256(req.code.0.as_bytes());
+        let now = model::unix_now();
+        // The code first: nothing about this site (its links, its revocations, the ids in its
+        // network) is told to a claimant without a valid one, and no work is done for it
+        // (signing costs CPU).
+        let valid = self
+            .core
+            .lock()
+            .grants
+            .iter()
+            .any(|g| g.id == req.grant && bool::from(unhex(&g.code_sha256).ct_eq(&presented)));
+        if !valid {
+            return Err(Refusal::invalid_code());
+        }
+        model::check_name("site", &req.site_name).map_err(|e| Refusal::bad_claim(e.to_string()))?;
         if req.site_id == config.id {
-            return Err((
-                "invalid",
-                format!("site {} cannot link to itself", config.name),
-            ));
+            return Err(Refusal::bad_claim(format!(
+                "site {} cannot link to itself",
+                config.name
+            )));
         }
         if self.core.revocations.is_revoked(req.site_id) {
             let reason = format!(
                 "site {} ({}) was revoked by site {}",
                 req.site_name, req.site_id, config.name
             );
-            return Err(("revoked", reason));
+            return Err(Refusal {
+                result: "revoked",
+                rejection: Some(Reason::Revoked),
+                message: reason,
+            });
         }
         if let Some(existing) = self.router.link_with(req.site_id) {
             if existing.direction == Direction::Outgoing || existing.state == LinkState::Up {
-                return Err(("duplicate", duplicate_message(config, &existing)));
+                return Err(Refusal::duplicate(duplicate_message(config, &existing)));
             }
         }
         // An id that is alive elsewhere in the network belongs to that site: a token holder
@@ -1115,23 +1319,7 @@ impl Site {
                 req.site_id,
                 self.router.table().name(req.site_id)
             );
-            return Err(("duplicate", reason));
-        }
-        let presented = sha256(req.code.0.as_bytes());
-        let now = model::unix_now();
-        // Check the code before doing any work for the claimant (signing costs CPU).
-        let valid = self
-            .core
-            .lock()
-            .grants
-            .iter()
-            .any(|g| g.id == req.grant && bool::from(unhex(&g.code_sha256).ct_eq(&presented)));
-        if !valid {
-            return Err((
-                "invalid",
-                "the token is not valid here (unknown grant or wrong code); ask for a new token"
-                    .to_string(),
-            ));
+            return Err(Refusal::duplicate(reason));
         }
         // Sign before consuming a use (a bad CSR must not cost one), hand the certificate out
         // only after the use is on disk.
@@ -1144,12 +1332,7 @@ impl Site {
                 &req.site_name,
                 config.cert_lifetime(),
             )
-            .map_err(|e| {
-                (
-                    "invalid",
-                    format!("the certificate request was refused: {e}"),
-                )
-            })?;
+            .map_err(|e| Refusal::bad_claim(format!("the certificate request was refused: {e}")))?;
         let mut refusal = None;
         let saved = self.core.change(|state| {
             let grant = state
@@ -1158,23 +1341,19 @@ impl Site {
                 .find(|g| g.id == req.grant)
                 .filter(|g| unhex(&g.code_sha256).ct_eq(&presented).into());
             let Some(grant) = grant else {
-                refusal = Some((
-                    "invalid",
-                    "the token is not valid here (unknown grant or wrong code); ask for a new token"
-                        .to_string(),
-                ));
+                refusal = Some(Refusal::invalid_code());
                 return Err(Error::Invalid(String::new()));
             };
             if grant.expires <= now {
                 let when = model::rfc3339(grant.expires);
-                refusal = Some((
+                refusal = Some(Refusal::bad_token(
                     "expired",
                     format!("the token expired at {when}; ask for a new token"),
                 ));
                 return Err(Error::Invalid(String::new()));
             }
             if grant.uses_left == 0 {
-                refusal = Some((
+                refusal = Some(Refusal::bad_token(
                     "used",
                     "the token was already used; ask for a new token".to_string(),
                 ));
@@ -1193,17 +1372,95 @@ impl Site {
         });
         if let Err(e) = saved {
             return Err(refusal.unwrap_or_else(|| {
-                (
-                    "error",
-                    format!(
-                        "the issuing site could not record the redemption ({e}); try again later"
+                tracing::error!(site = %req.site_name, error = %e, "cannot record a redemption");
+                let why = match e {
+                    // The path is the issuer's business; the claimant needs to know it is
+                    // nobody's fault on its side and that the token is still good.
+                    Error::NoSpace { .. } => "it has no space left on its disk".to_string(),
+                    e => e.to_string(),
+                };
+                Refusal {
+                    result: "error",
+                    rejection: None,
+                    message: format!(
+                        "the issuing site could not record the redemption ({why}); the token \
+                         is still valid: try again later"
                     ),
-                )
+                }
             }));
         }
         tracing::info!(site = %req.site_name, id = %req.site_id, "token redeemed");
         Ok(cert)
     }
+}
+
+/// Why a redemption was refused: the message for the claimant, the result counted in
+/// `skiff_token_redemptions_total`, and the reason counted in
+/// `skiff_rejected_connections_total` (`None` for honest refusals: a duplicate link, or this
+/// site failing to record the use).
+struct Refusal {
+    result: &'static str,
+    rejection: Option<Reason>,
+    message: String,
+}
+
+impl Refusal {
+    fn bad_claim(message: String) -> Self {
+        Refusal {
+            result: "invalid",
+            rejection: Some(Reason::BadClaim),
+            message,
+        }
+    }
+
+    fn bad_token(result: &'static str, message: String) -> Self {
+        Refusal {
+            result,
+            rejection: Some(Reason::BadToken),
+            message,
+        }
+    }
+
+    fn invalid_code() -> Self {
+        Refusal::bad_token(
+            "invalid",
+            "the token is not valid here (unknown grant or wrong code); ask for a new token"
+                .to_string(),
+        )
+    }
+
+    fn duplicate(message: String) -> Self {
+        Refusal {
+            result: "duplicate",
+            rejection: None,
+            message,
+        }
+    }
+
+    fn rate_limited(addr: std::net::IpAddr, wait: Duration) -> Self {
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        Refusal {
+            result: "rate_limited",
+            rejection: Some(Reason::RateLimited),
+            message: format!("too many redemption attempts from {addr}; retry in {secs} s"),
+        }
+    }
+}
+
+/// Describes a claim that is not valid JSON for a [`ClaimRequest`] without quoting it: serde's
+/// messages can repeat parts of the input, and the input holds the code.
+fn malformed_claim(e: &serde_json::Error) -> String {
+    let what = match e.classify() {
+        serde_json::error::Category::Io => "unreadable",
+        serde_json::error::Category::Syntax => "not JSON",
+        serde_json::error::Category::Data => "not a claim",
+        serde_json::error::Category::Eof => "truncated",
+    };
+    format!(
+        "malformed claim ({what} at line {} column {})",
+        e.line(),
+        e.column()
+    )
 }
 
 impl Core {
@@ -1267,8 +1524,7 @@ impl skiff_router::Hooks for Core {
 }
 
 async fn accept_links(site: Arc<Site>, listener: TcpListener, shutdown: CancellationToken) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(site.server_tls.clone());
-    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    let handshakes = Arc::new(Semaphore::new(site.limits.max_handshakes));
     let claims = Arc::new(Semaphore::new(MAX_CLAIMS));
     loop {
         let (tcp, from) = tokio::select! {
@@ -1286,40 +1542,139 @@ async fn accept_links(site: Arc<Site>, listener: TcpListener, shutdown: Cancella
         // Never wait for a permit here: a flood of connections that stall their handshakes
         // must cost only themselves, not block the accept loop for everyone else.
         let Ok(permit) = handshakes.clone().try_acquire_owned() else {
-            tracing::warn!(%from, "too many TLS handshakes in progress; connection dropped");
             drop(tcp);
+            site.router.rejections().reject(
+                Endpoint::Link,
+                Reason::TooManyHandshakes,
+                from,
+                "too many TLS handshakes in progress; connection dropped",
+            );
             continue;
         };
         let _ = tcp.set_nodelay(true);
-        let (site, acceptor, claims) = (site.clone(), acceptor.clone(), claims.clone());
+        let (site, claims) = (site.clone(), claims.clone());
         tokio::spawn(async move {
-            let handshake = acceptor.accept(tcp).into_fallible();
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err((e, tcp))) => {
-                    tracing::warn!(%from, error = %e, "TLS handshake on the link port failed");
-                    // In TLS 1.3 the client has finished its side before we judged its
-                    // certificate, and may already be writing. Closing with its bytes unread
-                    // would send a RST that can overtake our alert; draining first makes sure
-                    // the client reads *why* it was refused (say, "certificate revoked").
-                    drain(tcp).await;
-                    return;
-                }
-                Err(_) => {
-                    tracing::warn!(%from, "TLS handshake on the link port timed out");
+            let deadline = tokio::time::Instant::now() + site.limits.handshake_timeout;
+            let handshake = handshake(&site, tcp, deadline).await;
+            drop(permit);
+            let (endpoint, tls) = match handshake {
+                Ok(pair) => pair,
+                Err((endpoint, reason, detail, tcp)) => {
+                    site.router
+                        .rejections()
+                        .reject(endpoint, reason, from, detail);
+                    if let Some(tcp) = tcp {
+                        // In TLS 1.3 the client has finished its side before we judged its
+                        // certificate, and may already be writing. Closing with its bytes
+                        // unread would send a RST that can overtake our alert; draining first
+                        // makes sure the client reads *why* it was refused (say, "certificate
+                        // revoked").
+                        drain(tcp).await;
+                    }
                     return;
                 }
             };
-            drop(permit);
             match tls.get_ref().1.alpn_protocol() {
                 Some(p) if p == ALPN_LINK => site.router.accept(tls).await,
                 Some(p) if p == ALPN_CLAIM => match claims.clone().try_acquire_owned() {
-                    Ok(_claim) => site.serve_claim(tls).await,
-                    Err(_) => tracing::warn!(%from, "too many token redemptions at once; refused"),
+                    Ok(_claim) => site.serve_claim(tls, from).await,
+                    Err(_) => site.router.rejections().reject(
+                        Endpoint::Claim,
+                        Reason::TooManyClaims,
+                        from,
+                        "too many token redemptions at once",
+                    ),
                 },
-                _ => tracing::warn!(%from, "link port connection without a skiff ALPN refused"),
+                _ => site.router.rejections().reject(
+                    endpoint,
+                    Reason::NoAlpn,
+                    from,
+                    "TLS connection without a skiff protocol (ALPN)",
+                ),
             }
         });
+    }
+}
+
+/// A link port connection's TLS handshake that failed: where and why, a description, and the
+/// connection if the client should be let read our alert before it is closed.
+type Refused = (Endpoint, Reason, String, Option<tokio::net::TcpStream>);
+
+/// Runs the TLS handshake of a connection to the link port, by `deadline`. Reads the ClientHello
+/// first, to tell garbage from TLS and a redemption (ALPN `skiff-claim/1`) from a link.
+async fn handshake(
+    site: &Site,
+    tcp: tokio::net::TcpStream,
+    deadline: tokio::time::Instant,
+) -> Result<
+    (
+        Endpoint,
+        tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    ),
+    Refused,
+> {
+    let link = Endpoint::Link;
+    // The first byte tells a connection that closes at once (a port scan, a health check) and
+    // bytes that are not TLS at all from a handshake. 0x16: a TLS handshake record.
+    let mut first = [0u8; 1];
+    match tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => {
+            let detail = "closed before sending anything".to_string();
+            return Err((link, Reason::Closed, detail, None));
+        }
+        Ok(Ok(_)) if first[0] != 0x16 => {
+            let detail = format!("not TLS (first byte {:#04x})", first[0]);
+            return Err((link, Reason::Malformed, detail, None));
+        }
+        Ok(Ok(_)) => {}
+        Err(_) => {
+            let detail = "sent nothing within the handshake timeout".to_string();
+            return Err((link, Reason::Timeout, detail, None));
+        }
+    }
+    let acceptor = rustls::server::Acceptor::default();
+    let mut hello = tokio_rustls::LazyConfigAcceptor::new(acceptor, tcp);
+    let start = match tokio::time::timeout_at(deadline, &mut hello).await {
+        Ok(Ok(start)) => start,
+        Ok(Err(e)) => {
+            use std::io::ErrorKind;
+            let rustls_error = e.get_ref().is_some_and(|e| e.is::<rustls::Error>());
+            let reason = match e.kind() {
+                _ if rustls_error => Reason::of_tls_io(&e),
+                // A ClientHello cut short, or a record larger than any TLS stack sends.
+                ErrorKind::UnexpectedEof | ErrorKind::InvalidData | ErrorKind::Other => {
+                    Reason::Malformed
+                }
+                _ => Reason::HandshakeFailed,
+            };
+            let detail = format!("bad ClientHello: {e}");
+            return Err((link, reason, detail, None));
+        }
+        Err(_) => {
+            let detail = "the ClientHello did not arrive within the handshake timeout".to_string();
+            return Err((link, Reason::Timeout, detail, None));
+        }
+    };
+    let offers_claim = start
+        .client_hello()
+        .alpn()
+        .is_some_and(|mut offered| offered.any(|p| p == ALPN_CLAIM));
+    let endpoint = if offers_claim {
+        Endpoint::Claim
+    } else {
+        Endpoint::Link
+    };
+    let accept = start.into_stream(site.server_tls.clone()).into_fallible();
+    match tokio::time::timeout_at(deadline, accept).await {
+        Ok(Ok(tls)) => Ok((endpoint, tls)),
+        Ok(Err((e, tcp))) => {
+            let detail = format!("TLS handshake failed: {e}");
+            Err((endpoint, Reason::of_tls_io(&e), detail, Some(tcp)))
+        }
+        Err(_) => {
+            let detail = "the TLS handshake did not finish within the handshake timeout";
+            Err((endpoint, Reason::Timeout, detail.to_string(), None))
+        }
     }
 }
 
@@ -1365,6 +1720,10 @@ async fn watch_certificates(site: Arc<Site>, shutdown: CancellationToken) {
 impl crate::http::Endpoints for Site {
     fn ready(&self) -> bool {
         self.ready.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Acquire)
     }
 
     fn network_svg(&self) -> String {

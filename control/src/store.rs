@@ -157,11 +157,56 @@ impl Store {
         self.write(name, &raw, mode)
     }
 
+    /// Makes sure `bytes` more can be written to the state dir, by writing (and syncing) a
+    /// file of that size, removed when the returned guard drops. For writes that must not fail
+    /// after something irrevocable, such as spending a token's use at another site: reserve
+    /// first, act, drop the reservation, write.
+    pub fn reserve(&self, bytes: usize) -> Result<Reservation, Error> {
+        let path = self
+            .dir
+            .join(format!(".reserved.tmp{}", std::process::id()));
+        let result = (|| {
+            let mut file = fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&path)?;
+            // Real bytes, not a sparse file or fallocate: they are what a later write needs.
+            file.write_all(&vec![0u8; bytes])?;
+            file.sync_all()
+        })();
+        let reservation = Reservation { path };
+        match result {
+            Ok(()) => Ok(reservation),
+            Err(e) => Err(self.io_error(&self.dir, e)),
+        }
+    }
+
     fn io_error(&self, path: &Path, e: std::io::Error) -> Error {
+        use std::io::ErrorKind;
+        if matches!(e.kind(), ErrorKind::StorageFull | ErrorKind::QuotaExceeded) {
+            return Error::NoSpace {
+                path: path.to_path_buf(),
+                dir: self.dir.clone(),
+            };
+        }
         Error::Io {
             path: path.to_path_buf(),
             source: e,
         }
+    }
+}
+
+/// Space held in the state dir by [`Store::reserve`]; released when dropped.
+#[derive(Debug)]
+pub struct Reservation {
+    path: PathBuf,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
     }
 }
 
@@ -200,6 +245,19 @@ mod tests {
         // the rename, so the old file stays.
         assert!(store.write("nope/x.pem", b"new", Mode::Public).is_err());
         assert_eq!(store.read("links/x.pem").unwrap(), "old");
+    }
+
+    #[test]
+    fn a_reservation_holds_space_until_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        store.create_dir().unwrap();
+        let files = || fs::read_dir(dir.path()).unwrap().count();
+        let before = files();
+        let reservation = store.reserve(10_000).unwrap();
+        assert_eq!(files(), before + 1);
+        drop(reservation);
+        assert_eq!(files(), before);
     }
 
     #[test]

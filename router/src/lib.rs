@@ -18,16 +18,18 @@ pub mod forward;
 pub mod link;
 pub mod metrics;
 pub mod proto;
+pub mod reject;
 mod routing;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use skiff_certs::CertifiedKey;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 pub use forward::{ConnectorConfig, ListenerConfig};
@@ -36,12 +38,36 @@ pub use link::{TransportChoice, TransportKind};
 pub use metrics::Metrics;
 pub use proto::balance::Strategy;
 pub use proto::routing::{Advertisement, Table};
+pub use reject::Rejections;
 
 /// ALPN protocol id of link connections on the link port.
 pub const ALPN_LINK: &[u8] = b"skiff-link/1";
 
 /// The skiff version this router announces in its hello.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Default of [`Config::max_handshakes`] (and of the TCP link port's limit).
+pub const DEFAULT_MAX_HANDSHAKES: usize = 256;
+
+/// Default of [`Config::max_link_streams`]: well above what one site pair carries in practice
+/// (the end-to-end benchmark holds 10,000 idle connections over one link), low enough that one
+/// neighbour cannot take all of a site's file descriptors and memory.
+pub const DEFAULT_MAX_LINK_STREAMS: u32 = 16_384;
+
+/// The stream limit a link's transport announces to the peer (HTTP/2
+/// SETTINGS_MAX_CONCURRENT_STREAMS, QUIC MAX_STREAMS) for a router limit of `max_link_streams`.
+///
+/// It is a little higher than the router's limit on purpose: the router refuses streams beyond
+/// its limit itself, with a connect result the origin understands at once (it tries the next
+/// site, or resets its client), instead of the opener's transport queueing them until a slot
+/// frees. The margin bounds how many such refusals can be in flight; a peer that ignores them
+/// and opens still more is stopped by the transport (a refused stream on HTTP/2, a connection
+/// error on QUIC).
+pub fn transport_stream_limit(max_link_streams: u32) -> u32 {
+    max_link_streams
+        .saturating_add(max_link_streams / 8)
+        .saturating_add(64)
+}
 
 /// Router settings (everything has a named default in [`Config::new`]).
 #[derive(Clone, Debug)]
@@ -56,8 +82,15 @@ pub struct Config {
     pub dead_after: Duration,
     /// Limit for a TCP connect to a peer.
     pub connect_timeout: Duration,
-    /// Limit for a TLS handshake plus the link's hello exchange.
+    /// Limit for a TLS or QUIC handshake plus the link's hello exchange, on both sides.
     pub handshake_timeout: Duration,
+    /// Most QUIC handshakes in progress at once on the UDP link port; more are refused (the
+    /// dialer retries).
+    pub max_handshakes: usize,
+    /// Most carried connections a neighbour may have open towards this site on one link at
+    /// once; streams beyond it are refused at once (its origin tries another site, or resets
+    /// its client). See [`transport_stream_limit`].
+    pub max_link_streams: u32,
     /// First reconnect delay after a failure.
     pub backoff_min: Duration,
     /// Largest reconnect delay.
@@ -69,7 +102,9 @@ pub struct Config {
 
 impl Config {
     /// Defaults: heartbeat every 250 ms, dead after 1 s of silence, 5 s connect and handshake
-    /// limits, reconnect backoff from 100 ms up to 5 s.
+    /// limits, [`DEFAULT_MAX_HANDSHAKES`] QUIC handshakes at once,
+    /// [`DEFAULT_MAX_LINK_STREAMS`] streams from each neighbour, reconnect backoff from 100 ms up to 2 s (so that a link is back within a few
+    /// seconds of its path, however long it was gone).
     pub fn new(site_id: Uuid, site_name: impl Into<String>) -> Self {
         Config {
             site_id,
@@ -78,8 +113,10 @@ impl Config {
             dead_after: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(5),
+            max_handshakes: DEFAULT_MAX_HANDSHAKES,
+            max_link_streams: DEFAULT_MAX_LINK_STREAMS,
             backoff_min: Duration::from_millis(100),
-            backoff_max: Duration::from_secs(5),
+            backoff_max: Duration::from_secs(2),
             access_log: true,
         }
     }
@@ -237,6 +274,11 @@ pub(crate) struct Inner {
     /// does not serve QUIC).
     pub(crate) quic: Mutex<Option<quinn::Endpoint>>,
     pub(crate) metrics: Metrics,
+    /// Every carried connection's task (origin, transit and destination), so that a drain can
+    /// wait for them and a stop can wait for their resets to go out.
+    pub(crate) carried: TaskTracker,
+    /// Set by [`Router::drain`]: no listeners, no connectors advertised or served.
+    pub(crate) draining: AtomicBool,
 }
 
 #[derive(Default)]
@@ -282,6 +324,8 @@ impl Router {
             closing: Mutex::new(HashMap::new()),
             quic: Mutex::new(None),
             metrics,
+            carried: TaskTracker::new(),
+            draining: AtomicBool::new(false),
             config,
             hooks,
             links: Mutex::new(Links::default()),
@@ -309,8 +353,12 @@ impl Router {
     }
 
     /// Starts serving a listener on an already bound socket. Replaces a listener of the same
-    /// name.
+    /// name. A draining router closes the socket instead.
     pub fn add_listener(&self, config: ListenerConfig, listener: tokio::net::TcpListener) {
+        if self.is_draining() {
+            tracing::warn!(listener = %config.name, "site is draining; listener not started");
+            return;
+        }
         let cancel = self.inner.shutdown.child_token();
         let previous = self
             .inner
@@ -346,6 +394,51 @@ impl Router {
         }
     }
 
+    /// Begins a graceful stop: closes every listener's port (new clients are refused by the
+    /// kernel), withdraws this site's connectors from its advertisement (so other sites send
+    /// new connections elsewhere as soon as it reaches them) and refuses streams that still
+    /// arrive for them, so their origin tries the next site before its client notices. Links
+    /// stay up, and carried connections (those this site originates, relays and serves) go on;
+    /// [`Router::wait_carried`] resolves when the last one has ended. Returns how many are carried
+    /// now.
+    pub fn drain(&self) -> usize {
+        self.inner.draining.store(true, Ordering::Release);
+        let listeners: Vec<CancellationToken> = self
+            .inner
+            .listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .map(|(_, cancel)| cancel)
+            .collect();
+        for cancel in listeners {
+            cancel.cancel();
+        }
+        self.inner.reoriginate();
+        self.inner.carried.close();
+        self.carried()
+    }
+
+    /// True once [`Router::drain`] was called.
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::Acquire)
+    }
+
+    /// How many carried connections this router has now (as origin, transit or destination,
+    /// including those still connecting).
+    pub fn carried(&self) -> usize {
+        self.inner.carried.len()
+    }
+
+    /// Waits until no carried connection is left (those that start meanwhile count too). For
+    /// stopping: after [`Router::drain`], or once the router's shutdown token fired, which
+    /// aborts every carried connection at once (a TCP RST to its client or backend, a stream
+    /// reset towards its peer), so that this resolves as soon as those resets are out.
+    pub async fn wait_carried(&self) {
+        self.inner.carried.close();
+        self.inner.carried.wait().await
+    }
+
     /// The current routing table (sites, next hops, and where each key is served).
     pub fn table(&self) -> Arc<Table> {
         self.inner.table()
@@ -364,6 +457,12 @@ impl Router {
     /// This router's settings.
     pub fn config(&self) -> &Config {
         &self.inner.config
+    }
+
+    /// Where connections turned away at the link port are counted and logged (the site's TCP
+    /// link port reports to it too).
+    pub fn rejections(&self) -> &Rejections {
+        &self.inner.metrics.rejections
     }
 
     /// Starts dialing `link` (and redialing it whenever it drops) until it is removed.
@@ -431,7 +530,8 @@ impl Router {
         socket: std::net::UdpSocket,
         tls: Arc<rustls::ServerConfig>,
     ) -> std::io::Result<std::net::SocketAddr> {
-        let endpoint = link::quic::server_endpoint(socket, tls)?;
+        let limit = transport_stream_limit(self.inner.config.max_link_streams);
+        let endpoint = link::quic::server_endpoint(socket, tls, limit)?;
         let addr = endpoint.local_addr()?;
         *self.inner.quic.lock().unwrap_or_else(|e| e.into_inner()) = Some(endpoint.clone());
         tokio::spawn(link::accept::serve_quic(self.inner.clone(), endpoint));

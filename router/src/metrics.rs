@@ -99,6 +99,9 @@ pub struct Metrics {
     pub(crate) duration: Histogram,
     pub(crate) connect_latency: Histogram,
     pub(crate) sites_reachable: Gauge,
+    pub(crate) streams_refused: Family<PeerLabels, Counter>,
+    /// Connections turned away at the link port.
+    pub(crate) rejections: crate::reject::Rejections,
     /// Link label sets currently exported by `skiff_link_up`, to drop removed links.
     pub(crate) known_links: Mutex<HashSet<LinkLabels>>,
 }
@@ -134,6 +137,8 @@ impl Metrics {
             duration: duration_histogram(),
             connect_latency: latency_histogram(),
             sites_reachable: Gauge::default(),
+            streams_refused: Family::default(),
+            rejections: crate::reject::Rejections::register(registry),
             known_links: Mutex::new(HashSet::new()),
         };
         let r = registry;
@@ -199,6 +204,11 @@ impl Metrics {
             "skiff_routing_sites_reachable",
             "Other sites this site has a route to",
             metrics.sites_reachable.clone(),
+        );
+        r.register(
+            "skiff_link_streams_refused",
+            "Streams the peer site opened beyond this site's per-link stream limit, refused",
+            metrics.streams_refused.clone(),
         );
         metrics
     }

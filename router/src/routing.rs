@@ -102,9 +102,12 @@ impl Inner {
             })
             .collect();
         links.sort_by_key(|l| l.peer);
+        // A draining site serves no new connections: it advertises no routing key.
+        let draining = self.draining.load(Ordering::Acquire);
         let services: Vec<AdvertisedService> = self
             .connectors()
             .iter()
+            .filter(|_| !draining)
             .map(|(key, list)| AdvertisedService {
                 key: key.clone(),
                 weight: list

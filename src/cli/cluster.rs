@@ -406,10 +406,15 @@ pub async fn run(
             no_access_log,
             metrics_addr,
             router_selector,
+            drain_timeout,
+            limits,
         }) => {
             let options = skiff_control::site::RunOptions {
                 access_log: !no_access_log,
                 recent_logs: Some(recent_logs),
+                drain: None,
+                drain_timeout: *drain_timeout,
+                limits: limits.limits(),
             };
             return run_controller(
                 namespace,
@@ -497,6 +502,22 @@ pub async fn run_controller(
     } else {
         router_selector.into_iter().collect()
     };
+    let signals = super::shutdown_on_signals()?;
+    // The first SIGTERM (a pod being replaced) drains the router: its listeners stop taking
+    // clients and other sites stop routing here, while carried connections finish. The
+    // controller stops once the drain time is over, or at once on a second signal.
+    let shutdown = signals.stop.clone();
+    let (drain, grace) = (signals.drain.clone(), run.drain_timeout);
+    tokio::spawn(async move {
+        drain.cancelled().await;
+        tokio::select! {
+            _ = tokio::time::sleep(grace + std::time::Duration::from_secs(1)) => {}
+            _ = shutdown.cancelled() => {}
+        }
+        shutdown.cancel();
+    });
+    let mut run = run;
+    run.drain = Some(signals.drain);
     let options = skiff_control::controller::Options {
         namespace: namespace.map(str::to_string),
         state_dir,
@@ -504,8 +525,7 @@ pub async fn run_controller(
         router_selector,
         run,
     };
-    let shutdown = super::shutdown_on_signals()?;
-    skiff_control::controller::run(client, options, shutdown).await?;
+    skiff_control::controller::run(client, options, signals.stop).await?;
     Ok(())
 }
 

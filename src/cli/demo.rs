@@ -206,7 +206,7 @@ async fn demo(root: &Path, args: &DemoArgs, shutdown: &CancellationToken) -> Res
             );
         }
         println!("press Ctrl-C to stop");
-        super::shutdown_on_signals()?.cancelled().await;
+        super::shutdown_on_signals()?.drain.cancelled().await;
     }
     Ok(())
 }

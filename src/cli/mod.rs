@@ -206,21 +206,38 @@ fn state_dir(explicit: Option<PathBuf>) -> Result<PathBuf> {
     }
 }
 
-/// A token cancelled on the first SIGTERM or SIGINT (Ctrl-C).
-pub fn shutdown_on_signals() -> Result<tokio_util::sync::CancellationToken> {
+/// What the stop signals ask for.
+pub struct Signals {
+    /// Cancelled on the first SIGTERM or SIGINT (Ctrl-C): stop gracefully.
+    pub drain: tokio_util::sync::CancellationToken,
+    /// Cancelled on the second: stop at once.
+    pub stop: tokio_util::sync::CancellationToken,
+}
+
+/// Watches SIGTERM and SIGINT: the first asks for a graceful stop, the second for an
+/// immediate one.
+pub fn shutdown_on_signals() -> Result<Signals> {
     use tokio::signal::unix::{signal, SignalKind};
-    let token = tokio_util::sync::CancellationToken::new();
+    let signals = Signals {
+        drain: tokio_util::sync::CancellationToken::new(),
+        stop: tokio_util::sync::CancellationToken::new(),
+    };
     let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
-    let cancel = token.clone();
+    let (drain, stop) = (signals.drain.clone(), signals.stop.clone());
     tokio::spawn(async move {
         tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+            _ = term.recv() => tracing::info!("SIGTERM: stopping gracefully"),
+            _ = int.recv() => tracing::info!("SIGINT: stopping gracefully"),
         }
-        cancel.cancel();
+        drain.cancel();
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM again: stopping now"),
+            _ = int.recv() => tracing::info!("SIGINT again: stopping now"),
+        }
+        stop.cancel();
     });
-    Ok(token)
+    Ok(signals)
 }
 
 /// Runs `work`, showing a spinner with the elapsed time on stderr while it runs (only when

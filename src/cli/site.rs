@@ -9,6 +9,7 @@ use clap::Subcommand;
 use skiff_control::admin::{self, StatusView};
 use skiff_control::model::DEFAULT_LINK_PORT;
 use skiff_control::site::RunOptions;
+use skiff_control::Limits;
 use skiff_control::{InitOptions, Listeners, Store};
 
 use super::output::{self, Format};
@@ -41,7 +42,9 @@ pub enum SiteCommand {
         #[arg(long, value_parser = super::parse_duration, default_value = "7d", value_name = "DURATION")]
         cert_lifetime: Duration,
     },
-    /// Run the site daemon in the foreground (SIGTERM or Ctrl-C stops it gracefully).
+    /// Run the site daemon in the foreground. SIGTERM or Ctrl-C stops it gracefully: it
+    /// closes its listeners, withdraws its connectors and lets carried connections finish
+    /// (for at most --drain-timeout); a second SIGTERM or Ctrl-C stops it at once.
     Run {
         /// Do not log a line per closed carried connection (target `skiff::access`).
         #[arg(long)]
@@ -54,7 +57,63 @@ pub enum SiteCommand {
         /// select (repeatable; default app.kubernetes.io/name=skiff).
         #[arg(long, value_name = "KEY=VALUE", value_parser = super::service::parse_label)]
         router_selector: Vec<(String, String)>,
+        /// How long a graceful stop waits for carried connections before it resets them.
+        #[arg(long, value_parser = super::parse_duration, default_value = "10s", value_name = "DURATION")]
+        drain_timeout: Duration,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
+}
+
+/// What the link port and each link accept (`site run`); see docs/security.md.
+#[derive(clap::Args, Debug)]
+pub struct LimitArgs {
+    /// Most TLS handshakes in progress at once on the link port (and, separately, QUIC
+    /// handshakes on its UDP port); connections beyond it are dropped at once.
+    #[arg(long, default_value_t = skiff_router::DEFAULT_MAX_HANDSHAKES as u32, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_handshakes: u32,
+    /// Limit for a handshake on the link port, and for what must follow it (a redemption's
+    /// claim, a link's preface); slower clients are dropped. Also this site's own link
+    /// handshakes.
+    #[arg(long, value_parser = parse_handshake_timeout, default_value = "5s", value_name = "DURATION")]
+    handshake_timeout: Duration,
+    /// Most carried connections a neighbour may have open towards this site on one link;
+    /// more are refused at once (the origin tries another site, or resets its client).
+    #[arg(long, default_value_t = skiff_router::DEFAULT_MAX_LINK_STREAMS, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_link_streams: u32,
+    /// Token redemption attempts allowed per source address and minute (after a burst of
+    /// --redemption-burst); more are refused with the time to wait.
+    #[arg(long, default_value_t = skiff_control::site::DEFAULT_REDEMPTION_RATE, value_name = "PER_MINUTE",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    redemption_rate: u32,
+    /// Redemption attempts one source address may make at once before --redemption-rate
+    /// applies.
+    #[arg(long, default_value_t = skiff_control::site::DEFAULT_REDEMPTION_BURST, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    redemption_burst: u32,
+}
+
+impl LimitArgs {
+    pub(crate) fn limits(&self) -> Limits {
+        Limits {
+            max_handshakes: self.max_handshakes as usize,
+            handshake_timeout: self.handshake_timeout,
+            max_link_streams: self.max_link_streams,
+            redemption_rate: self.redemption_rate,
+            redemption_burst: self.redemption_burst,
+        }
+    }
+}
+
+/// A `--handshake-timeout`: a duration from 100ms to 5m.
+fn parse_handshake_timeout(text: &str) -> Result<Duration, String> {
+    let d = super::parse_duration(text)?;
+    if d < Duration::from_millis(100) || d > Duration::from_secs(300) {
+        return Err("must be between 100ms and 5m".into());
+    }
+    Ok(d)
 }
 
 pub async fn run(
@@ -118,6 +177,8 @@ pub async fn run(
             no_access_log,
             metrics_addr,
             router_selector,
+            drain_timeout,
+            limits,
         } => {
             anyhow::ensure!(
                 router_selector.is_empty(),
@@ -126,6 +187,9 @@ pub async fn run(
             let options = RunOptions {
                 access_log: !no_access_log,
                 recent_logs: Some(recent_logs),
+                drain: None,
+                drain_timeout,
+                limits: limits.limits(),
             };
             run_daemon(dir, options, metrics_addr).await
         }
@@ -134,7 +198,7 @@ pub async fn run(
 
 async fn run_daemon(
     dir: &Path,
-    options: RunOptions,
+    mut options: RunOptions,
     metrics_addr: Option<SocketAddr>,
 ) -> Result<()> {
     let store = Store::new(dir);
@@ -173,7 +237,8 @@ async fn run_daemon(
     };
     let admin = admin::bind(&store.admin_socket())
         .with_context(|| format!("cannot open {}", store.admin_socket().display()))?;
-    let shutdown = super::shutdown_on_signals()?;
+    let signals = super::shutdown_on_signals()?;
+    options.drain = Some(signals.drain);
     skiff_control::site::run_with(
         store,
         Listeners {
@@ -183,7 +248,7 @@ async fn run_daemon(
             quic,
         },
         options,
-        shutdown,
+        signals.stop,
     )
     .await?;
     Ok(())

@@ -35,6 +35,23 @@ pub struct Site {
     pub port: u16,
     dir: TempDir,
     daemon: Option<Child>,
+    /// Extra `site run` arguments (`--drain-timeout 1s`), for every later start.
+    pub run_args: Vec<String>,
+    /// The network namespace the daemon runs in (`None`: this process's).
+    netns: Option<String>,
+    /// A tmpfs mounted on the state dir, unmounted when the site is dropped.
+    tmpfs: Option<PathBuf>,
+}
+
+/// Where a site runs when it is not on loopback in this process's network namespace.
+pub struct Host<'a> {
+    /// The network namespace its daemon runs in (the CLI talks to it over the admin socket,
+    /// which namespaces do not separate).
+    pub netns: &'a str,
+    /// The addresses other sites reach its link port at (`--link-host`, in order).
+    pub link_hosts: &'a [&'a str],
+    /// Mount a tmpfs of this size (`1m`) on the state dir first, so that a test can fill it.
+    pub state_tmpfs: Option<&'a str>,
 }
 
 impl Site {
@@ -52,18 +69,8 @@ impl Site {
 
     /// Creates site `name` without starting it.
     pub fn init(name: &str, init_args: &[&str]) -> Site {
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("skiff-{name}-"))
-            .tempdir()
-            .expect("cannot create a temp dir");
-        let port = free_port();
-        let site = Site {
-            name: name.to_string(),
-            port,
-            dir,
-            daemon: None,
-        };
-        let port = port.to_string();
+        let site = Site::new(name, free_port(), None);
+        let port = site.port.to_string();
         let mut args = vec![
             "site",
             "init",
@@ -76,6 +83,57 @@ impl Site {
         args.extend_from_slice(init_args);
         site.ok(&args);
         site
+    }
+
+    /// Creates site `name` on `host` (its daemon in a network namespace, its link port the
+    /// default one) without starting it.
+    pub fn init_on(name: &str, host: &Host<'_>, init_args: &[&str]) -> Site {
+        let mut site = Site::new(name, 55671, Some(host.netns.to_string()));
+        if let Some(size) = host.state_tmpfs {
+            let state = site.state_dir();
+            std::fs::create_dir_all(&state).expect("cannot create the state dir");
+            let mounted = Command::new("mount")
+                .args([
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    &format!("size={size},mode=0700"),
+                    "tmpfs",
+                ])
+                .arg(&state)
+                .status()
+                .expect("cannot run mount");
+            assert!(
+                mounted.success(),
+                "cannot mount a tmpfs on {}",
+                state.display()
+            );
+            site.tmpfs = Some(state);
+        }
+        let port = site.port.to_string();
+        let mut args = vec!["site", "init", name, "--link-port", &port];
+        for host in host.link_hosts {
+            args.extend(["--link-host", host]);
+        }
+        args.extend_from_slice(init_args);
+        site.ok(&args);
+        site
+    }
+
+    fn new(name: &str, port: u16, netns: Option<String>) -> Site {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("skiff-{name}-"))
+            .tempdir()
+            .expect("cannot create a temp dir");
+        Site {
+            name: name.to_string(),
+            port,
+            dir,
+            daemon: None,
+            run_args: Vec::new(),
+            netns,
+            tmpfs: None,
+        }
     }
 
     /// The state dir.
@@ -109,10 +167,20 @@ impl Site {
             .append(true)
             .open(self.log_path())
             .expect("cannot open the daemon log");
-        let child = Command::new(skiff())
+        let mut command = match &self.netns {
+            Some(ns) => {
+                // `ip netns exec` replaces itself with skiff: the child's pid is the daemon's.
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", ns, skiff()]);
+                command
+            }
+            None => Command::new(skiff()),
+        };
+        let child = command
             .arg("--state-dir")
             .arg(self.state_dir())
             .args(["site", "run"])
+            .args(&self.run_args)
             .env_remove("RUST_LOG")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -177,14 +245,46 @@ impl Site {
         }
     }
 
-    /// Stops the daemon gracefully (SIGTERM) and waits for it to exit successfully.
-    pub fn stop(&mut self) {
-        let mut child = self.daemon.take().expect("site is not running");
+    /// Sends SIGTERM to the daemon.
+    pub fn sigterm(&self) {
         let sent = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
+            .args(["-TERM", &self.pid().to_string()])
             .status()
             .expect("cannot run kill");
         assert!(sent.success(), "kill -TERM failed");
+    }
+
+    /// Stops the daemon gracefully (SIGTERM: it drains, for at most its drain timeout) and
+    /// waits for it to exit successfully.
+    pub fn stop(&mut self) {
+        self.sigterm();
+        self.wait_exit();
+    }
+
+    /// Stops the daemon at once: SIGTERM, and once it drains, SIGTERM again. Waits for it to
+    /// exit successfully.
+    pub fn stop_now(&mut self) {
+        let drains = self.logs().matches("stopping gracefully").count() + 1;
+        self.sigterm();
+        // Two signals sent together may arrive as one: wait for the first to be seen.
+        wait_for(
+            "the daemon to begin draining",
+            STOP_TIMEOUT,
+            &[self],
+            || {
+                let seen = self.logs().matches("stopping gracefully").count();
+                (seen >= drains)
+                    .then_some(())
+                    .ok_or_else(|| format!("{seen} graceful stops logged"))
+            },
+        );
+        self.sigterm();
+        self.wait_exit();
+    }
+
+    /// Waits (bounded) for the stopping daemon to exit successfully.
+    pub fn wait_exit(&mut self) {
+        let mut child = self.daemon.take().expect("site is not running");
         let deadline = Instant::now() + STOP_TIMEOUT;
         loop {
             if let Some(exit) = child.try_wait().expect("cannot wait for the daemon") {
@@ -331,6 +431,33 @@ impl Site {
         }
     }
 
+    /// The sorted names of the sites serving listener `name` (`listener list -o json`).
+    pub fn targets(&self, name: &str) -> Result<Vec<String>, String> {
+        let out = self.cli(&["listener", "list", "-o", "json"]);
+        if !out.status.success() {
+            return Err(format!(
+                "{}: listener list failed: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let list: Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+        let listener = list
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|l| l["name"] == name)
+            .ok_or_else(|| format!("{}: no listener {name}: {list}", self.name))?;
+        let mut names: Vec<String> = listener["targets"]
+            .as_array()
+            .ok_or_else(|| format!("listener without targets: {listener}"))?
+            .iter()
+            .filter_map(|t| t.as_str().map(String::from))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
     /// Issues a token (`token issue -o FILE EXTRA...`) and returns the file.
     pub fn issue(&self, file: &str, extra: &[&str]) -> PathBuf {
         let path = self.scratch(file);
@@ -389,6 +516,10 @@ impl Site {
 impl Drop for Site {
     fn drop(&mut self) {
         self.kill();
+        if let Some(mount) = self.tmpfs.take() {
+            // Lazily, so that nothing left open can keep it (and the temp dir) in place.
+            let _ = Command::new("umount").arg("-l").arg(&mount).status();
+        }
     }
 }
 
@@ -419,6 +550,24 @@ macro_rules! on_every_transport {
             $(#[test] fn $name() { $crate::common::use_transport("quic"); super::$name(); })*
         }
     };
+}
+
+/// `GET path` on 127.0.0.1:`port` (HTTP/1.0, so the server closes): the status code and body.
+pub fn http_get(port: u16, path: &str) -> Result<(u16, String), String> {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    write!(conn, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut raw = String::new();
+    conn.read_to_string(&mut raw).map_err(|e| e.to_string())?;
+    let status = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("not an HTTP response: {raw:?}"))?;
+    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    Ok((status, body.to_string()))
 }
 
 /// A TCP port that was free a moment ago on 127.0.0.1.

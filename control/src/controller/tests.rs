@@ -65,7 +65,7 @@ impl TestSite {
         let stop = CancellationToken::new();
         let options = crate::site::RunOptions {
             access_log: false,
-            recent_logs: None,
+            ..Default::default()
         };
         tokio::spawn(crate::site::run_with(
             store,
@@ -800,7 +800,7 @@ async fn the_whole_controller_runs_a_site_from_its_resources() {
         router_selector: BTreeMap::from([("app".into(), "skiff".into())]),
         run: crate::site::RunOptions {
             access_log: false,
-            recent_logs: None,
+            ..Default::default()
         },
     };
     let shutdown = CancellationToken::new();

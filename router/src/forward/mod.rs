@@ -110,7 +110,9 @@ pub(crate) async fn run_listener(
         let _ = client.set_nodelay(true);
         let id = inner.next_connection.fetch_add(1, Ordering::Relaxed);
         let span = tracing::debug_span!("conn", id, key = %config.routing_key, %from);
-        tokio::spawn(origin(inner.clone(), config.clone(), client, from, id).instrument(span));
+        inner
+            .carried
+            .spawn(origin(inner.clone(), config.clone(), client, from, id).instrument(span));
     }
 }
 
@@ -160,7 +162,11 @@ async fn origin(
         let site_name = table.name(site);
         let _open = OpenGuard::new(&inner, key, site);
         let outcome = if site == own {
-            match connect_local(&inner, key).await {
+            let local = tokio::select! {
+                local = connect_local(&inner, key) => local,
+                () = inner.shutdown.cancelled() => return splice::abort_tcp(client),
+            };
+            match local {
                 Ok(mut server) => {
                     connected(&inner, key, &site_name, started);
                     let tallies = (
@@ -174,7 +180,8 @@ async fn origin(
                         continue;
                     }
                     tallies.0.add(early.bytes.len());
-                    let (end, mut moved) = splice::tcp_tcp(client, server, tallies).await;
+                    let (end, mut moved) =
+                        splice::tcp_tcp(client, server, tallies, &inner.shutdown).await;
                     moved.up += early.bytes.len() as u64;
                     (end, moved)
                 }
@@ -197,7 +204,11 @@ async fn origin(
                 ttl: DEFAULT_TTL,
             };
             let hop = table.name(route.next_hop);
-            match open_remote(&inner, route.next_hop, &header, &mut client, &mut early).await {
+            let opened = tokio::select! {
+                opened = open_remote(&inner, route.next_hop, &header, &mut client, &mut early) => opened,
+                () = inner.shutdown.cancelled() => return splice::abort_tcp(client),
+            };
+            match opened {
                 Ok((send, recv, leftover)) => {
                     connected(&inner, key, &site_name, started);
                     let _stream = StreamGauge::new(&inner, &hop);
@@ -208,7 +219,8 @@ async fn origin(
                     );
                     tallies.0.add(early.bytes.len());
                     let (end, mut moved) =
-                        splice::tcp_stream(client, send, recv, leftover, tallies).await;
+                        splice::tcp_stream(client, send, recv, leftover, tallies, &inner.shutdown)
+                            .await;
                     moved.up += early.bytes.len() as u64;
                     (end, moved)
                 }
@@ -436,7 +448,10 @@ pub(crate) async fn serve_stream(
     mut recv: AnyRecv,
 ) {
     let _stream = StreamGauge::new(&inner, &peer);
-    let read = tokio::time::timeout(HEADER_TIMEOUT, read_header(&mut recv)).await;
+    let read = tokio::select! {
+        read = tokio::time::timeout(HEADER_TIMEOUT, read_header(&mut recv)) => read,
+        () = inner.shutdown.cancelled() => return send.reset(),
+    };
     let (header, leftover) = match read {
         Ok(Ok(pair)) => pair,
         Ok(Err(e)) => {
@@ -464,6 +479,24 @@ pub(crate) async fn serve_stream(
     }
     .instrument(span)
     .await
+}
+
+/// Refuses a stream a neighbour opened beyond the link's stream limit: reads its header (so
+/// that the refusal answers the request rather than cutting it) and answers
+/// [`ConnectStatus::Refused`], which makes the origin try the next site or reset its client.
+pub(crate) async fn refuse_stream(inner: Arc<Inner>, mut send: AnySend, mut recv: AnyRecv) {
+    let read = tokio::select! {
+        read = tokio::time::timeout(HEADER_TIMEOUT, read_header(&mut recv)) => read,
+        () = inner.shutdown.cancelled() => return send.reset(),
+    };
+    if !matches!(read, Ok(Ok(_))) {
+        return send.reset();
+    }
+    let detail = format!(
+        "site {} already carries the most connections this link may open ({})",
+        inner.config.site_name, inner.config.max_link_streams
+    );
+    refuse(&mut send, ConnectStatus::Refused, detail).await;
 }
 
 async fn read_header(recv: &mut AnyRecv) -> Result<(StreamHeader, Bytes), String> {
@@ -514,6 +547,12 @@ async fn destination(
     recv: AnyRecv,
     leftover: Bytes,
 ) {
+    // A draining site refuses like one without the key: the origin tries the next site before
+    // its client notices.
+    if inner.draining.load(Ordering::Acquire) {
+        let detail = format!("site {} is draining", inner.config.site_name);
+        return refuse(&mut send, ConnectStatus::NoTarget, detail).await;
+    }
     if !inner.connectors().contains_key(&header.routing_key) {
         let detail = format!(
             "site {} does not serve {}",
@@ -521,7 +560,11 @@ async fn destination(
         );
         return refuse(&mut send, ConnectStatus::NoTarget, detail).await;
     }
-    match connect_local(inner, &header.routing_key).await {
+    let local = tokio::select! {
+        local = connect_local(inner, &header.routing_key) => local,
+        () = inner.shutdown.cancelled() => return send.reset(),
+    };
+    match local {
         Ok(server) => {
             if send_result(&mut send, ConnectResult::ok()).await.is_err() {
                 splice::abort_tcp(server);
@@ -530,7 +573,8 @@ async fn destination(
             tracing::debug!("connected to a local connector");
             let (tx, rx) = inner.metrics.link_bytes(peer);
             let tallies = (Tally::new([tx]), Tally::new([rx]));
-            log_end(&splice::tcp_stream(server, send, recv, leftover, tallies).await);
+            let stop = &inner.shutdown;
+            log_end(&splice::tcp_stream(server, send, recv, leftover, tallies, stop).await);
         }
         Err(e) => refuse(&mut send, ConnectStatus::Refused, e).await,
     }
@@ -568,9 +612,11 @@ async fn transit(
         );
         return refuse(&mut send, ConnectStatus::Unreachable, detail).await;
     };
-    let (mut next_send, next_recv) = match tokio::time::timeout(RESULT_TIMEOUT, transport.open())
-        .await
-    {
+    let opened = tokio::select! {
+        opened = tokio::time::timeout(RESULT_TIMEOUT, transport.open()) => opened,
+        () = inner.shutdown.cancelled() => return send.reset(),
+    };
+    let (mut next_send, next_recv) = match opened {
         Ok(Ok(pair)) => pair,
         Ok(Err(e)) => return refuse(&mut send, ConnectStatus::Unreachable, e.to_string()).await,
         Err(_) => {
@@ -588,7 +634,8 @@ async fn transit(
     let (hop_tx, hop_rx) = inner.metrics.link_bytes(&hop);
     let tallies = (Tally::new([peer_rx, hop_tx]), Tally::new([hop_rx, peer_tx]));
     // The connect result and everything after it are just bytes to a transit router.
-    log_end(&splice::stream_stream((send, recv), (next_send, next_recv), leftover, tallies).await);
+    let (a, b) = ((send, recv), (next_send, next_recv));
+    log_end(&splice::stream_stream(a, b, leftover, tallies, &inner.shutdown).await);
 }
 
 /// Counts a connection (attempt) to `site` for `key` while it lives, for the balanced strategy.

@@ -4,17 +4,21 @@
 //! as a clean end and the other direction keeps going: half-close survives the trip. An abort
 //! (TCP RST or error, stream reset, dead link) ends *both* directions at once and is passed on as
 //! an abort: the stream is reset and the TCP socket is closed with RST (zero linger), so a
-//! broken connection never looks like a complete one.
+//! broken connection never looks like a complete one. When the site stops (its shutdown token
+//! fires), every splice aborts the same way: a stopping router resets what it still carries
+//! rather than letting process exit close the sockets with a FIN.
 //!
 //! Memory per connection is bounded: one read buffer per direction, and the transport's flow
 //! control stops a sender whose reader is slow.
 
 use std::future::Future;
 use std::pin::pin;
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 
 use crate::link::transport::{RecvStream, SendStream};
 use crate::metrics::Tally;
@@ -40,8 +44,25 @@ pub(crate) struct Moved {
     pub(crate) down: u64,
 }
 
-/// Runs two directions; on the first failure stops both. Returns which failed, if any.
-async fn both<U, D>(up: U, down: D) -> Result<(), String>
+/// What an abort on shutdown reports.
+pub(crate) const STOPPING: &str = "site stopping";
+/// Bound on waiting for the peer to acknowledge a finished stream's last bytes.
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// After a clean end: waits (bounded, or until `stop`) for `delivery` — the peers having
+/// what was sent to them — so that the connection counts as carried until then: a draining
+/// router closes its links once its last connection is done, and must not cut the tail of a
+/// finished one.
+async fn settle(delivery: impl Future<Output = ()>, stop: &CancellationToken) {
+    tokio::select! {
+        _ = tokio::time::timeout(DELIVERY_TIMEOUT, delivery) => {}
+        () = stop.cancelled() => {}
+    }
+}
+
+/// Runs two directions; on the first failure, or when `stop` fires, stops both. Returns which
+/// failed, if any.
+async fn both<U, D>(up: U, down: D, stop: &CancellationToken) -> Result<(), String>
 where
     U: Future<Output = Result<(), String>>,
     D: Future<Output = Result<(), String>>,
@@ -52,6 +73,7 @@ where
         tokio::select! {
             result = &mut up, if !up_done => { result?; up_done = true; }
             result = &mut down, if !down_done => { result?; down_done = true; }
+            () = stop.cancelled() => return Err(STOPPING.into()),
         }
     }
     Ok(())
@@ -67,6 +89,7 @@ pub(crate) async fn tcp_stream<S: SendStream, R: RecvStream>(
     mut recv: R,
     leftover: Bytes,
     (up, down): (Tally, Tally),
+    stop: &CancellationToken,
 ) -> (End, Moved) {
     let (mut up_n, mut down_n) = (0u64, 0u64);
     let result = {
@@ -117,14 +140,17 @@ pub(crate) async fn tcp_stream<S: SendStream, R: RecvStream>(
                 }
             }
         };
-        both(up, down).await
+        both(up, down, stop).await
     };
     let moved = Moved {
         up: up_n,
         down: down_n,
     };
     match result {
-        Ok(()) => (End::Clean, moved),
+        Ok(()) => {
+            settle(send.delivered(), stop).await;
+            (End::Clean, moved)
+        }
         Err(reason) => {
             send.reset();
             abort_tcp(tcp);
@@ -140,6 +166,7 @@ pub(crate) async fn stream_stream<S1, R1, S2, R2>(
     (mut send_b, mut recv_b): (S2, R2),
     leftover_to_b: Bytes,
     (up, down): (Tally, Tally),
+    stop: &CancellationToken,
 ) -> (End, Moved)
 where
     S1: SendStream,
@@ -161,14 +188,20 @@ where
             relay(&mut recv_a, &mut send_b, &mut up_n, &up).await
         };
         let down = relay(&mut recv_b, &mut send_a, &mut down_n, &down);
-        both(up, down).await
+        both(up, down, stop).await
     };
     let moved = Moved {
         up: up_n,
         down: down_n,
     };
     match result {
-        Ok(()) => (End::Clean, moved),
+        Ok(()) => {
+            let both = async {
+                tokio::join!(send_a.delivered(), send_b.delivered());
+            };
+            settle(both, stop).await;
+            (End::Clean, moved)
+        }
         Err(reason) => {
             send_a.reset();
             send_b.reset();
@@ -202,6 +235,7 @@ pub(crate) async fn tcp_tcp(
     mut client: TcpStream,
     mut server: TcpStream,
     (up, down): (Tally, Tally),
+    stop: &CancellationToken,
 ) -> (End, Moved) {
     let (mut up_n, mut down_n) = (0u64, 0u64);
     let result = {
@@ -209,7 +243,7 @@ pub(crate) async fn tcp_tcp(
         let (mut server_rd, mut server_wr) = server.split();
         let to_server = copy_tcp(&mut client_rd, &mut server_wr, &mut up_n, &up, "client");
         let to_client = copy_tcp(&mut server_rd, &mut client_wr, &mut down_n, &down, "server");
-        both(to_server, to_client).await
+        both(to_server, to_client, stop).await
     };
     let moved = Moved {
         up: up_n,

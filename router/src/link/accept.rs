@@ -24,6 +24,7 @@ use super::transport::Transport;
 use super::{AnyRecv, AnySend, LinkTransport};
 use crate::proto::preface::{CONN_PREFACE_LEN, LINK_ACCEPTED};
 use crate::proto::{ConnPreface, ConnRole, Message};
+use crate::reject::{Endpoint, Reason};
 use crate::{Direction, Inner, LinkState, LinkStatus, ALPN_LINK};
 
 type Control = ControlChannel<AnySend, AnyRecv>;
@@ -40,9 +41,20 @@ pub(crate) struct Pending {
 }
 
 pub(crate) async fn run(inner: Arc<Inner>, mut tls: ServerTls) {
+    let from = tls
+        .get_ref()
+        .0
+        .peer_addr()
+        .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
+    let rejections = &inner.metrics.rejections;
     let peer = skiff_certs::peer_site_id(tls.get_ref().1.peer_certificates());
     let Some(peer) = peer else {
-        tracing::warn!("link connection without a client certificate refused");
+        rejections.reject(
+            Endpoint::Link,
+            Reason::NoCertificate,
+            from,
+            "link connection without a client certificate",
+        );
         return;
     };
     if tls.write_all(&[LINK_ACCEPTED]).await.is_err() {
@@ -52,9 +64,13 @@ pub(crate) async fn run(inner: Arc<Inner>, mut tls: ServerTls) {
     let read = tokio::time::timeout(inner.config.handshake_timeout, tls.read_exact(&mut raw)).await;
     let preface = match read {
         Ok(Ok(_)) => ConnPreface::decode(&raw),
-        _ => {
-            tracing::warn!(%peer, "link connection sent no preface in time");
-            return;
+        Ok(Err(e)) => {
+            let detail = format!("site {peer} sent no link preface ({e})");
+            return rejections.reject(Endpoint::Link, Reason::Protocol, from, detail);
+        }
+        Err(_) => {
+            let detail = format!("site {peer} sent no link preface in time");
+            return rejections.reject(Endpoint::Link, Reason::Timeout, from, detail);
         }
     };
     match preface {
@@ -82,10 +98,20 @@ pub(crate) async fn run(inner: Arc<Inner>, mut tls: ServerTls) {
                 Some(tx) => {
                     let _ = tx.send(tls);
                 }
-                None => tracing::warn!(%peer, "reverse link connection for an unknown session"),
+                None => rejections.reject(
+                    Endpoint::Link,
+                    Reason::Protocol,
+                    from,
+                    format!("site {peer}: reverse link connection for an unknown session"),
+                ),
             }
         }
-        Err(e) => tracing::warn!(%peer, error = %e, "link connection refused"),
+        Err(e) => rejections.reject(
+            Endpoint::Link,
+            Reason::Protocol,
+            from,
+            format!("site {peer}: bad link preface ({e})"),
+        ),
     }
 }
 
@@ -175,7 +201,8 @@ async fn forward(inner: Arc<Inner>, tls: ServerTls, peer: Uuid, session_token: [
     let config = &inner.config;
     let dead = CancellationToken::new();
     let setup = async {
-        let server = ServerHalf::start(tls, dead.clone())
+        let limit = crate::transport_stream_limit(config.max_link_streams);
+        let server = ServerHalf::start(tls, limit, dead.clone())
             .await
             .map_err(|e| e.to_string())?;
         let (send, recv) = server
@@ -226,12 +253,9 @@ async fn forward(inner: Arc<Inner>, tls: ServerTls, peer: Uuid, session_token: [
     }
 }
 
-/// Most QUIC link handshakes in progress at once; more are refused (the dialer retries).
-const MAX_QUIC_HANDSHAKES: usize = 256;
-
 /// Accepts QUIC links on `endpoint` until the router shuts down.
 pub(crate) async fn serve_quic(inner: Arc<Inner>, endpoint: quinn::Endpoint) {
-    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_QUIC_HANDSHAKES));
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(inner.config.max_handshakes));
     loop {
         let incoming = tokio::select! {
             incoming = endpoint.accept() => match incoming {
@@ -247,6 +271,12 @@ pub(crate) async fn serve_quic(inner: Arc<Inner>, endpoint: quinn::Endpoint) {
             continue;
         }
         let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            inner.metrics.rejections.reject(
+                Endpoint::Quic,
+                Reason::TooManyHandshakes,
+                incoming.remote_address(),
+                "too many QUIC handshakes in progress",
+            );
             incoming.refuse();
             continue;
         };
@@ -265,21 +295,48 @@ async fn quic(
 ) {
     let from = incoming.remote_address();
     let config = &inner.config;
-    let setup = async {
-        let conn = incoming.await.map_err(|e| format!("QUIC handshake: {e}"))?;
+    let deadline = tokio::time::Instant::now() + config.handshake_timeout * 2;
+    // The QUIC handshake: anyone may get this far; a failure is a refused connection.
+    let handshake = async {
+        let conn = incoming
+            .await
+            .map_err(|e| (Reason::of_quic(&e), format!("QUIC handshake: {e}")))?;
         let alpn = conn
             .handshake_data()
             .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
             .and_then(|d| d.protocol);
         if alpn.as_deref() != Some(ALPN_LINK) {
-            return Err("QUIC connection without the skiff-link ALPN".to_string());
+            let detail = "QUIC connection without the skiff-link ALPN".to_string();
+            return Err((Reason::NoAlpn, detail));
         }
         let certs = conn.peer_identity().and_then(|id| {
             id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
                 .ok()
         });
-        let peer = skiff_certs::peer_site_id(certs.as_deref().map(|c| c.as_slice()))
-            .ok_or("QUIC link connection without a client certificate")?;
+        let Some(peer) = skiff_certs::peer_site_id(certs.as_deref().map(|c| c.as_slice())) else {
+            let detail = "QUIC link connection without a client certificate".to_string();
+            return Err((Reason::NoCertificate, detail));
+        };
+        Ok((conn, peer))
+    };
+    let (conn, peer) = match tokio::time::timeout_at(deadline, handshake).await {
+        Ok(Ok(pair)) => pair,
+        Ok(Err((reason, detail))) => {
+            return inner
+                .metrics
+                .rejections
+                .reject(Endpoint::Quic, reason, from, detail)
+        }
+        Err(_) => {
+            let detail = "the QUIC handshake did not finish in time";
+            return inner
+                .metrics
+                .rejections
+                .reject(Endpoint::Quic, Reason::Timeout, from, detail);
+        }
+    };
+    // The link's setup, with an authenticated site.
+    let setup = async {
         let transport = QuicTransport::new(conn);
         let (send, recv) = transport
             .accept()
@@ -290,22 +347,16 @@ async fn quic(
             .map_err(|e| e.to_string())?;
         let (peer_name, cost) = check_hello(&inner, peer, &mut control).await?;
         send_hello(&inner, cost, &mut control).await?;
-        Ok::<_, String>((
-            peer,
-            LinkTransport::Quic(transport),
-            control,
-            peer_name,
-            cost,
-        ))
+        Ok::<_, String>((LinkTransport::Quic(transport), control, peer_name, cost))
     };
-    let outcome = tokio::time::timeout(config.handshake_timeout * 2, setup).await;
+    let outcome = tokio::time::timeout_at(deadline, setup).await;
     drop(permit);
     match outcome {
-        Ok(Ok((peer, transport, control, peer_name, cost))) => {
+        Ok(Ok((transport, control, peer_name, cost))) => {
             run_incoming(inner, peer, peer_name, cost, transport, control).await
         }
-        Ok(Err(error)) => tracing::warn!(%from, %error, "incoming QUIC link refused"),
-        Err(_) => tracing::warn!(%from, "incoming QUIC link setup timed out"),
+        Ok(Err(error)) => tracing::warn!(%from, %peer, %error, "incoming QUIC link refused"),
+        Err(_) => tracing::warn!(%from, %peer, "incoming QUIC link setup timed out"),
     }
 }
 

@@ -29,6 +29,9 @@ pub(crate) async fn run(inner: Arc<Inner>, link: OutgoingLink, cancel: Cancellat
     async move {
         let mut cert = link.cert.clone();
         let mut failures: u32 = 0;
+        // The last failure logged at warn level: a link that stays down retries every couple
+        // of seconds, and its log should say so once, not every time.
+        let mut logged: Option<String> = None;
         while !cancel.is_cancelled() {
             inner.set_outgoing(&link.name, |s| {
                 s.state = LinkState::Connecting;
@@ -41,6 +44,7 @@ pub(crate) async fn run(inner: Arc<Inner>, link: OutgoingLink, cancel: Cancellat
             match attempt {
                 Ok((transport, control)) => {
                     failures = 0;
+                    logged = None;
                     inner.set_outgoing(&link.name, |s| {
                         s.state = LinkState::Up;
                         s.since = SystemTime::now();
@@ -86,7 +90,12 @@ pub(crate) async fn run(inner: Arc<Inner>, link: OutgoingLink, cancel: Cancellat
                 Err(error) => {
                     failures = failures.saturating_add(1);
                     let error = explain(error, &cert);
-                    tracing::warn!(%error, "link could not connect");
+                    if logged.as_ref() == Some(&error) {
+                        tracing::debug!(%error, failures, "link could not connect");
+                    } else {
+                        tracing::warn!(%error, "link could not connect (retrying)");
+                        logged = Some(error.clone());
+                    }
                     inner.set_outgoing(&link.name, |s| {
                         s.state = LinkState::Down;
                         s.since = SystemTime::now();
@@ -221,7 +230,8 @@ async fn connect_quic(
                 .next()
                 .ok_or_else(|| format!("{target}: no address"))?;
             let host = crate::endpoint_host(target);
-            let conn = quic::connect(&endpoint, tls.clone(), addr, host)
+            let limit = crate::transport_stream_limit(inner.config.max_link_streams);
+            let conn = quic::connect(&endpoint, tls.clone(), addr, host, limit)
                 .await
                 .map_err(|e| format!("{target}: {e}"))?;
             let transport = QuicTransport::new(conn);
@@ -312,7 +322,8 @@ async fn handshake(
         .write_all(&preface.encode())
         .await
         .map_err(|e| format!("{endpoint}: {e}"))?;
-    let server = ServerHalf::start(reverse, dead.clone())
+    let limit = crate::transport_stream_limit(config.max_link_streams);
+    let server = ServerHalf::start(reverse, limit, dead.clone())
         .await
         .map_err(|e| format!("{endpoint}: reverse connection: {e}"))?;
     Ok((

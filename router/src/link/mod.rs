@@ -189,6 +189,13 @@ impl SendStream for AnySend {
             AnySend::Quic(s) => s.reset(),
         }
     }
+
+    async fn delivered(&mut self) {
+        match self {
+            AnySend::Tls(s) => s.delivered().await,
+            AnySend::Quic(s) => s.delivered().await,
+        }
+    }
 }
 
 impl RecvStream for AnyRecv {

@@ -34,20 +34,20 @@ const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 /// them, starve. With 32 MiB, `cargo bench --bench lossy` saw one of 16 transfers get nothing
 /// for 20 s, and heartbeat RTTs of up to 0.5 s on a 50 ms path (docs/performance.md).
 const SEND_WINDOW: u64 = u64::MAX;
-/// Most streams the peer may have open towards this router on one link.
-const MAX_STREAMS: u32 = 100_000;
 /// A connection silent for this long is dropped by QUIC itself; link heartbeats notice a dead
 /// peer much sooner (1 s), this is the backstop.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// QUIC transport settings shared by both ends of every link.
-pub fn transport_config() -> Arc<quinn::TransportConfig> {
+/// QUIC transport settings shared by both ends of every link; the peer may have at most
+/// `max_streams` bidirectional streams open towards this end at once (QUIC MAX_STREAMS: quinn
+/// grants more as streams close).
+pub fn transport_config(max_streams: u32) -> Arc<quinn::TransportConfig> {
     let mut config = quinn::TransportConfig::default();
     config
         .stream_receive_window(VarInt::from_u32(STREAM_WINDOW))
         .receive_window(VarInt::MAX)
         .send_window(SEND_WINDOW)
-        .max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS))
+        .max_concurrent_bidi_streams(VarInt::from_u32(max_streams))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         .keep_alive_interval(Some(Duration::from_secs(5)))
         // BBR rather than quinn's default, CUBIC: CUBIC reads every lost packet as congestion,
@@ -92,16 +92,18 @@ fn size_buffers(socket: &std::net::UdpSocket) {
     }
 }
 
-/// A QUIC endpoint serving links on `socket` (the UDP link port). It also dials out.
+/// A QUIC endpoint serving links on `socket` (the UDP link port), each with at most
+/// `max_streams` streams from the peer at once. It also dials out.
 pub fn server_endpoint(
     socket: std::net::UdpSocket,
     tls: Arc<rustls::ServerConfig>,
+    max_streams: u32,
 ) -> std::io::Result<quinn::Endpoint> {
     size_buffers(&socket);
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| std::io::Error::other(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(transport_config());
+    config.transport_config(transport_config(max_streams));
     quinn::Endpoint::new(
         quinn::EndpointConfig::default(),
         Some(config),
@@ -122,17 +124,19 @@ pub fn client_endpoint() -> std::io::Result<quinn::Endpoint> {
     )
 }
 
-/// Dials `addr` (verifying the server as `server_name` with `tls`).
+/// Dials `addr` (verifying the server as `server_name` with `tls`); the server may have at most
+/// `max_streams` streams open towards this end at once.
 pub async fn connect(
     endpoint: &quinn::Endpoint,
     tls: Arc<rustls::ClientConfig>,
     addr: std::net::SocketAddr,
     server_name: &str,
+    max_streams: u32,
 ) -> Result<quinn::Connection, String> {
     let crypto =
         quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| format!("QUIC: {e}"))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(transport_config());
+    config.transport_config(transport_config(max_streams));
     endpoint
         .connect_with(config, addr, server_name)
         .map_err(|e| format!("QUIC: {e}"))?
@@ -251,6 +255,12 @@ impl SendStream for QuicSend {
         self.done = true;
         let _ = self.inner.reset(RESET_CODE);
     }
+
+    async fn delivered(&mut self) {
+        // Resolves once the peer acknowledged every byte and the finish (or stopped the
+        // stream, or the connection died).
+        let _ = self.inner.stopped().await;
+    }
 }
 
 /// The receiving half of a QUIC stream.
@@ -308,13 +318,15 @@ mod tests {
         let server = server_endpoint(
             std::net::UdpSocket::bind("127.0.0.1:0").unwrap(),
             server_tls,
+            1000,
         )
         .unwrap();
         let addr = server.local_addr().unwrap();
         let client = client_endpoint().unwrap();
-        let (a, b) = tokio::join!(connect(&client, client_tls, addr, "127.0.0.1"), async {
-            server.accept().await.unwrap().await.unwrap()
-        });
+        let (a, b) = tokio::join!(
+            connect(&client, client_tls, addr, "127.0.0.1", 1000),
+            async { server.accept().await.unwrap().await.unwrap() }
+        );
         (QuicTransport::new(a.unwrap()), QuicTransport::new(b))
     }
 

@@ -71,6 +71,12 @@ pub(crate) async fn run(
         Role::Acceptor { .. } => None,
     };
     let mut renewal_key: Option<String> = None;
+    // Streams the peer may have open towards this site at once (see `Config::max_link_streams`);
+    // each carried connection it opens holds a permit until it ends.
+    let streams = Arc::new(tokio::sync::Semaphore::new(
+        config.max_link_streams as usize,
+    ));
+    let mut full_since: Option<Instant> = None;
 
     let reason = loop {
         let renew_sleep = async {
@@ -238,12 +244,37 @@ pub(crate) async fn run(
                 let Some((send, recv)) = incoming else {
                     break "connection lost".to_string();
                 };
-                tokio::spawn(crate::forward::serve_stream(
+                let Ok(permit) = streams.clone().try_acquire_owned() else {
+                    inner
+                        .metrics
+                        .streams_refused
+                        .get_or_create(&crate::metrics::PeerLabels {
+                            peer_site: peer_name.to_string(),
+                        })
+                        .inc();
+                    // Once per second at most: a busy link may refuse many.
+                    if full_since.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                        full_since = Some(Instant::now());
+                        tracing::warn!(
+                            limit = config.max_link_streams,
+                            "the link carries the most connections the peer may open; \
+                             refusing new ones (see --max-link-streams)"
+                        );
+                    }
+                    // Not a carried connection: a drain does not wait for it.
+                    tokio::spawn(crate::forward::refuse_stream(inner.clone(), send, recv));
+                    continue;
+                };
+                let serve = crate::forward::serve_stream(
                     inner.clone(),
                     peer_name.to_string(),
                     send,
                     recv,
-                ));
+                );
+                inner.carried.spawn(async move {
+                    let _permit = permit;
+                    serve.await
+                });
             }
         }
     };

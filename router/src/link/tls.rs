@@ -36,8 +36,6 @@ const CONNECTION_WINDOW: u32 = (1 << 31) - 1;
 const MAX_FRAME: u32 = 256 * 1024;
 /// Most bytes h2 buffers per stream on the sending side before `send` waits.
 const SEND_BUFFER: usize = 1024 * 1024;
-/// Most streams the peer may have open towards this router on one link.
-const MAX_STREAMS: u32 = 100_000;
 /// Streams the peer opened that the router has not picked up yet.
 const ACCEPT_QUEUE: usize = 1024;
 
@@ -117,8 +115,14 @@ pub struct ServerHalf {
 
 impl ServerHalf {
     /// Runs the HTTP/2 server handshake on `io` and spawns the task that drives the connection
-    /// and queues the streams the peer opens; it cancels `dead` when the connection ends.
-    pub async fn start<T>(io: T, dead: CancellationToken) -> Result<Self, StreamError>
+    /// and queues the streams the peer opens; it cancels `dead` when the connection ends. The
+    /// peer may have at most `max_streams` streams open at once (SETTINGS_MAX_CONCURRENT_STREAMS;
+    /// HTTP/2 refuses more with RST_STREAM REFUSED_STREAM).
+    pub async fn start<T>(
+        io: T,
+        max_streams: u32,
+        dead: CancellationToken,
+    ) -> Result<Self, StreamError>
     where
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -132,7 +136,7 @@ impl ServerHalf {
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
             .max_send_buffer_size(SEND_BUFFER)
-            .max_concurrent_streams(MAX_STREAMS)
+            .max_concurrent_streams(max_streams)
             .handshake::<_, Bytes>(io)
             .await
             .map_err(link_closed)?;
@@ -326,6 +330,11 @@ impl SendStream for H2Send {
     fn reset(&mut self) {
         self.inner.send_reset(h2::Reason::CANCEL);
     }
+
+    async fn delivered(&mut self) {
+        // HTTP/2 acknowledges nothing per stream: once queued, the frames are the
+        // connection's to deliver.
+    }
 }
 
 enum RecvState {
@@ -389,9 +398,9 @@ mod tests {
         let (dead_a, dead_b) = (CancellationToken::new(), CancellationToken::new());
         let (ca, sb, cb, sa) = tokio::join!(
             ClientHalf::start(fwd_a, dead_a.clone()),
-            ServerHalf::start(fwd_b, dead_b.clone()),
+            ServerHalf::start(fwd_b, 1000, dead_b.clone()),
             ClientHalf::start(rev_b, dead_b.clone()),
-            ServerHalf::start(rev_a, dead_a.clone()),
+            ServerHalf::start(rev_a, 1000, dead_a.clone()),
         );
         (
             TlsTransport::new(ca.unwrap(), sa.unwrap(), dead_a),

@@ -30,6 +30,12 @@ pub trait SendStream: Send + 'static {
     fn finish(&mut self) -> Result<(), StreamError>;
     /// Aborts the stream in both directions; the peer sees an error, never a clean end.
     fn reset(&mut self);
+    /// After [`SendStream::finish`]: waits until the peer has received everything sent on this
+    /// stream, the finish included, as far as the transport can tell — QUIC waits for the
+    /// acknowledgement; HTTP/2 has none and returns at once. A router that is about to close
+    /// its links (a drained site stopping) must not cut the tail of a finished connection.
+    /// Callers bound the wait.
+    fn delivered(&mut self) -> impl Future<Output = ()> + Send;
 }
 
 /// The receiving half of a stream.
