@@ -110,6 +110,7 @@ pub async fn run(
         namespace: namespace.clone(),
         site: admin::Client::new(store.dir()),
         router_selector: options.router_selector.clone(),
+        reachable: true.into(),
     });
     tracing::info!(namespace = %namespace, "controller starting");
     while !shutdown.is_cancelled() {
@@ -358,6 +359,10 @@ async fn run_site(
     phase: &CancellationToken,
 ) -> Result<(), Error> {
     let settings = settings_of(ctx, site).await?;
+    ctx.reachable.store(
+        !settings.access.hosts.is_empty(),
+        std::sync::atomic::Ordering::Relaxed,
+    );
     prepare_store(ctx, store, &settings).await?;
     let listeners = bind(&settings, store, metrics).await?;
     let daemon = tokio::spawn(crate::site::run_with(

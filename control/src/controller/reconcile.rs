@@ -44,6 +44,9 @@ pub struct Context {
     pub site: admin::Client,
     /// Labels of the router pods (the selector of the Services the controller creates).
     pub router_selector: BTreeMap<String, String>,
+    /// False while the Site gives other sites no way in (`linkAccess: None`, no `linkHosts`):
+    /// a token would name no reachable address, so AccessGrants say so instead.
+    pub reachable: std::sync::atomic::AtomicBool,
 }
 
 impl Context {
@@ -505,6 +508,17 @@ async fn apply_grant(grant: &AccessGrant, ctx: &Context) -> Result<Action, Error
     };
     let grant_id = match secrets.get_opt(&secret_name).await? {
         Some(secret) => secret.annotations().get(GRANT_ANNOTATION).cloned(),
+        None if !ctx.reachable.load(std::sync::atomic::Ordering::Relaxed) => {
+            let next = fail(
+                "Unreachable",
+                "this site only dials out (its Site has linkAccess None and no linkHosts), so \
+                 no other site could use a token from it: set spec.linkAccess on the Site, or \
+                 issue the token on the other site and apply it here"
+                    .into(),
+            );
+            set_status(&api, grant, status, &next).await?;
+            return Ok(Action::requeue(Duration::from_secs(30)));
+        }
         None => {
             let expiry = match humantime::parse_duration(&grant.spec.expiry) {
                 Ok(d) => d,

@@ -101,6 +101,7 @@ impl TestSite {
                 "app.kubernetes.io/name".to_string(),
                 "skiff".to_string(),
             )]),
+            reachable: true.into(),
         })
     }
 }
@@ -686,6 +687,25 @@ async fn fake_bad_resources_get_an_error_status_not_a_crash() {
     let status = token.status.unwrap();
     assert_eq!(status.conditions[1].status, "True");
     assert!(fake.get(LINKS, "bogus").is_none());
+    // A site nobody can reach issues no token, and says why.
+    ctx.reachable
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    fake.insert(
+        GRANTS,
+        json!({"apiVersion": "skiff.dev/v1alpha1", "kind": "AccessGrant",
+            "metadata": {"name": "nowhere", "namespace": NS, "finalizers": [FINALIZER]},
+            "spec": {}}),
+    );
+    let grant: AccessGrant = get(&fake, GRANTS, "nowhere").await;
+    reconcile::grant(Arc::new(grant), ctx.clone())
+        .await
+        .unwrap();
+    let grant: AccessGrant = get(&fake, GRANTS, "nowhere").await;
+    assert!(grant.status.unwrap().conditions[1]
+        .message
+        .contains("linkAccess"));
+    ctx.reachable
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     // A grant with an unreadable expiry.
     fake.insert(
         GRANTS,
@@ -714,6 +734,7 @@ async fn fake_site_identity_lives_in_its_secret_and_follows_the_load_balancer() 
         namespace: NS.into(),
         site: admin::Client::new(dir.path()),
         router_selector: BTreeMap::from([("app.kubernetes.io/name".into(), "skiff".into())]),
+        reachable: true.into(),
     };
     const SITES: &str = "/apis/skiff.dev/v1alpha1/namespaces/skiff/sites";
     fake.insert(
