@@ -813,3 +813,45 @@ fn bad_limits_stop_the_daemon_before_it_binds() {
     // Nothing was bound: the link port is free.
     std::net::TcpListener::bind(("0.0.0.0", b.port)).expect("the link port was left bound");
 }
+
+#[test]
+fn idle_connections_to_the_metrics_endpoint_are_bounded() {
+    let metrics = free_port();
+    let b = Site::start_with("b", &["--metrics-addr", &format!("127.0.0.1:{metrics}")]);
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", b.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    let baseline = fds();
+    // Far more idle connections than the endpoint serves at once, each sending half a request
+    // line and then nothing.
+    let idle: Vec<TcpStream> = (0..400)
+        .map(|_| {
+            let mut tcp = TcpStream::connect(("127.0.0.1", metrics)).unwrap();
+            let _ = tcp.write_all(b"GET /met");
+            tcp
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let held = fds() - baseline;
+    assert!(
+        held <= 256 + 8,
+        "the daemon holds {held} more file descriptors for 400 idle connections"
+    );
+    // The daemon and its link port do not notice.
+    b.status_json();
+    let a = Site::start("a");
+    a.link_to(&b);
+    // The idle connections are closed after the header timeout; then scrapes work again.
+    wait_for(
+        "the metrics endpoint to answer again",
+        Duration::from_secs(20),
+        &[&a, &b],
+        || match http_get(metrics, "/metrics") {
+            Ok((200, _)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    drop(idle);
+}
