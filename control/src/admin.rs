@@ -454,6 +454,15 @@ pub enum ClientError {
         /// The connect error.
         reason: String,
     },
+    /// The admin socket (or the state dir) is not this user's: the daemon may be running.
+    #[error(
+        "permission denied on the admin socket of state dir {dir}: only the user that runs the \
+         site's daemon may administer it; run the command as that user"
+    )]
+    NotAllowed {
+        /// The state dir.
+        dir: String,
+    },
     /// The daemon answered with an error.
     #[error("{message}")]
     Api {
@@ -509,6 +518,11 @@ impl Client {
         body: Option<&B>,
     ) -> Result<T, ClientError> {
         let stream = UnixStream::connect(&self.socket).await.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::PermissionDenied {
+                return ClientError::NotAllowed {
+                    dir: self.dir.display().to_string(),
+                };
+            }
             let reason = match e.kind() {
                 std::io::ErrorKind::NotFound => "its admin socket does not exist".to_string(),
                 std::io::ErrorKind::ConnectionRefused => "its admin socket is stale".to_string(),

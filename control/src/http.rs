@@ -96,6 +96,14 @@ pub trait Endpoints: Send + Sync + 'static {
     fn network_svg(&self) -> String;
 }
 
+/// Most connections served at once; more are closed at once. Scrapers and probes need a few;
+/// the bound keeps a flood of idle connections from taking the daemon's file descriptors (and
+/// with them the link port).
+pub const MAX_CONNECTIONS: usize = 256;
+/// A connection must send a request's headers within this time, also when it is idle between
+/// requests, or it is closed (slowloris).
+pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Serves the endpoints on `listener` until `shutdown` fires.
 pub async fn serve(
     listener: TcpListener,
@@ -103,22 +111,35 @@ pub async fn serve(
     registry: Arc<Registry>,
     shutdown: CancellationToken,
 ) {
+    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let stream = tokio::select! {
+        let (stream, from) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(_) => continue,
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Usually fd exhaustion: back off instead of spinning.
+                    tracing::debug!(error = %e, "metrics accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
             },
             _ = shutdown.cancelled() => break,
         };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            tracing::debug!(%from, "too many connections to the metrics endpoint; closed");
+            continue;
+        };
         let (site, registry) = (site.clone(), registry.clone());
         tokio::spawn(async move {
+            let _permit = permit;
             let service =
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let answer = answer(req.uri().path(), site.as_ref(), &registry);
                     async move { Ok::<_, Infallible>(answer) }
                 });
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });

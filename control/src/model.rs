@@ -247,12 +247,7 @@ pub fn check_name(kind: &str, name: &str) -> Result<(), crate::Error> {
 
 /// Checks a routing key: 1-253 characters of letters, digits, `.`, `-` and `_`.
 pub fn check_routing_key(key: &str) -> Result<(), crate::Error> {
-    let ok = !key.is_empty()
-        && key.len() <= skiff_router::proto::stream::MAX_KEY_LEN
-        && key
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_');
-    if ok {
+    if skiff_router::valid_routing_key(key) {
         Ok(())
     } else {
         Err(crate::Error::Invalid(format!(

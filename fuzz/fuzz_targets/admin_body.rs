@@ -1,4 +1,5 @@
-//! Admin API request bodies and token-redemption requests (JSON).
+//! Admin API request bodies and token-redemption requests (JSON). (The claim framing and the
+//! issuer's answer: `claim`.)
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

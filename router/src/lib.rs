@@ -148,6 +148,16 @@ pub fn valid_site_name(name: &str) -> bool {
         && !name.ends_with('-')
 }
 
+/// A routing key as skiff allows them: 1-253 of ASCII letters, digits, `.`, `-` and `_`.
+/// Keys from peers are checked against it before they reach the routing table.
+pub fn valid_routing_key(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= proto::stream::MAX_KEY_LEN
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_')
+}
+
 /// A link this site dials.
 #[derive(Clone, Debug)]
 pub struct OutgoingLink {

@@ -305,17 +305,24 @@ async fn quic(
             .handshake_data()
             .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
             .and_then(|d| d.protocol);
+        // Tell the client why, rather than close without a word.
+        let refuse = |reason: Reason, detail: &str| {
+            conn.close(quinn::VarInt::from_u32(1), detail.as_bytes());
+            Err((reason, detail.to_string()))
+        };
         if alpn.as_deref() != Some(ALPN_LINK) {
-            let detail = "QUIC connection without the skiff-link ALPN".to_string();
-            return Err((Reason::NoAlpn, detail));
+            return refuse(
+                Reason::NoAlpn,
+                "QUIC connection without the skiff-link ALPN",
+            );
         }
         let certs = conn.peer_identity().and_then(|id| {
             id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
                 .ok()
         });
         let Some(peer) = skiff_certs::peer_site_id(certs.as_deref().map(|c| c.as_slice())) else {
-            let detail = "QUIC link connection without a client certificate".to_string();
-            return Err((Reason::NoCertificate, detail));
+            let detail = "a QUIC link needs a client certificate from a token redemption";
+            return refuse(Reason::NoCertificate, detail);
         };
         Ok((conn, peer))
     };

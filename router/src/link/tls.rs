@@ -36,6 +36,10 @@ const CONNECTION_WINDOW: u32 = (1 << 31) - 1;
 const MAX_FRAME: u32 = 256 * 1024;
 /// Most bytes h2 buffers per stream on the sending side before `send` waits.
 const SEND_BUFFER: usize = 1024 * 1024;
+/// Largest header list either side accepts. skiff's streams carry no headers to speak of (a
+/// fixed request line and an empty response); h2's default, 16 MiB, would let a peer make this
+/// router buffer that much per stream.
+const MAX_HEADER_LIST: u32 = 16 * 1024;
 /// Streams the peer opened that the router has not picked up yet.
 const ACCEPT_QUEUE: usize = 1024;
 
@@ -62,6 +66,7 @@ impl ClientHalf {
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
             .max_send_buffer_size(SEND_BUFFER)
+            .max_header_list_size(MAX_HEADER_LIST)
             .enable_push(false)
             .handshake::<_, Bytes>(io)
             .await
@@ -136,6 +141,7 @@ impl ServerHalf {
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
             .max_send_buffer_size(SEND_BUFFER)
+            .max_header_list_size(MAX_HEADER_LIST)
             .max_concurrent_streams(max_streams)
             .handshake::<_, Bytes>(io)
             .await

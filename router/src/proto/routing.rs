@@ -22,6 +22,11 @@ use uuid::Uuid;
 /// Most links or services one advertisement may list.
 pub const MAX_ADVERTISED: usize = 4096;
 
+/// Most sites a link-state database holds. Advertisements are flooded by every site, so without
+/// a bound a hostile (compromised) site could make every other site keep any number of made-up
+/// origins; beyond it, advertisements from new origins are ignored.
+pub const MAX_SITES: usize = 1024;
+
 /// One router's view of itself, flooded to every other router.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Advertisement {
@@ -35,6 +40,18 @@ pub struct Advertisement {
     pub links: Vec<AdvertisedLink>,
     /// The routing keys the origin's connectors serve.
     pub services: Vec<AdvertisedService>,
+}
+
+impl Advertisement {
+    /// True if its site name and routing keys are ones skiff allows ([`crate::valid_site_name`],
+    /// [`crate::valid_routing_key`]): anything else did not come from an honest skiff router.
+    pub fn is_well_formed(&self) -> bool {
+        crate::valid_site_name(&self.name)
+            && self
+                .services
+                .iter()
+                .all(|s| crate::valid_routing_key(&s.key))
+    }
 }
 
 /// A link in an [`Advertisement`].
@@ -136,14 +153,17 @@ impl Lsdb {
     }
 
     /// Offers an advertisement received from a neighbour. Returns true if it was newer than
-    /// what the database held (and so must be flooded on); false if it was old or this
-    /// router's own (a router is the only authority on itself).
+    /// what the database held (and so must be flooded on); false if it was old, this router's
+    /// own (a router is the only authority on itself), not [well formed](Advertisement::is_well_formed)
+    /// (its names would reach logs, metrics and terminals), or from a new origin while the
+    /// database holds [`MAX_SITES`] already.
     pub fn receive(&mut self, adv: Advertisement, now: Instant) -> bool {
-        if adv.origin == self.own {
+        if adv.origin == self.own || !adv.is_well_formed() {
             return false;
         }
         match self.entries.get(&adv.origin) {
             Some(entry) if entry.adv.seq >= adv.seq => false,
+            None if self.entries.len() >= MAX_SITES => false,
             _ => {
                 self.entries.insert(
                     adv.origin,
@@ -452,6 +472,32 @@ mod tests {
         assert!(db.expire(t0 + Duration::from_secs(11), Duration::from_secs(10), &none));
         assert!(db.get(id(1)).is_none());
         assert!(db.get(id(0)).is_some(), "own advertisement never ages out");
+    }
+
+    #[test]
+    fn malformed_advertisements_and_origins_beyond_the_bound_are_ignored() {
+        let t0 = Instant::now();
+        let mut db = Lsdb::new(id(0));
+        let mut adv = advertisements(2, &[(0, 1, 1)], 1).remove(1);
+        for name in ["\u{1b}[2J", "UPPER", ""] {
+            adv.name = name.to_string();
+            assert!(!db.receive(adv.clone(), t0), "name {name:?}");
+        }
+        adv.name = "s1".into();
+        adv.services[0].key = "k y".into();
+        assert!(!db.receive(adv.clone(), t0), "a bad routing key");
+        adv.services[0].key = "k1".into();
+        assert!(db.receive(adv, t0));
+        for n in 2..MAX_SITES + 10 {
+            let mut other = advertisements(1, &[], 1).remove(0);
+            other.origin = id(n);
+            db.receive(other, t0);
+        }
+        assert_eq!(db.advertisements().len(), MAX_SITES);
+        // Known origins still update.
+        let mut newer = advertisements(2, &[], 2).remove(1);
+        newer.name = "s1".into();
+        assert!(db.receive(newer, t0));
     }
 
     #[test]
