@@ -419,6 +419,14 @@ impl Site {
              connections to finish (SIGTERM or Ctrl-C again stops at once)"
         );
         tokio::select! {
+            // A second signal wins even when the connections it aborts finish in the same turn.
+            biased;
+            () = stop.cancelled() => {
+                tracing::warn!(
+                    left = self.router.carried(),
+                    "stopping now: resetting the connections still carried"
+                );
+            }
             () = self.router.wait_carried() => {
                 tracing::info!("drained: every carried connection finished");
                 // QUIC streams were waited for until acknowledged; HTTP/2 acknowledges nothing
@@ -438,12 +446,6 @@ impl Site {
                 tracing::warn!(
                     left = self.router.carried(),
                     "drain timeout: resetting the connections still carried"
-                );
-            }
-            () = stop.cancelled() => {
-                tracing::warn!(
-                    left = self.router.carried(),
-                    "stopping now: resetting the connections still carried"
                 );
             }
         }
