@@ -183,6 +183,20 @@ pub async fn run(
 }
 
 async fn run_daemon(dir: &Path, mut options: RunOptions) -> Result<()> {
+    // jemalloc returns freed memory to the system after a decay time (10 s), but by itself
+    // only when the process allocates again; its background threads do it on time, so a
+    // burst of connections costs memory only while it lasts.
+    #[cfg(unix)]
+    if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
+        tracing::debug!(error = %e, "jemalloc background threads not started");
+    }
+    // A site needs a descriptor per carried connection on each of its sides; the usual soft
+    // limit, 1024, would stop it at a few hundred. Take what the hard limit allows.
+    #[cfg(unix)]
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::debug!(limit, "open files limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open files limit"),
+    }
     let store = Store::new(dir);
     // Bad config stops the daemon before it binds anything.
     let config = store.load_config()?;
