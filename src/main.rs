@@ -9,11 +9,13 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-/// mimalloc instead of the system allocator: carrying bytes allocates and frees buffers of
-/// tens of KiB at a high rate, and glibc's allocator hands that memory back to the kernel and
-/// faults it in again (about 200,000 page faults per GB carried; docs/performance.md).
+/// jemalloc instead of the system allocator, so that memory freed after a burst of
+/// connections goes back to the system: with glibc's malloc, a site that had carried 10,000
+/// connections kept its peak resident memory after they had all closed (tests/load.rs,
+/// docs/reliability.md). `site run` turns on its background purging threads.
+#[cfg(unix)]
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ExitCode {
     let args = cli::Args::parse();

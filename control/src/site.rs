@@ -1733,16 +1733,43 @@ impl crate::http::Endpoints for Site {
     }
 }
 
+/// Accept queue of a listener's socket (the kernel caps it at `net.core.somaxconn`). The
+/// default of std and tokio, 128, overflowed under bursts of new connections in the load run
+/// (tests/load.rs): the kernel then drops SYNs, and each costs its client a second or more.
+const LISTEN_BACKLOG: u32 = 4096;
+
 async fn bind_listener(record: &ListenerRecord) -> Result<TcpListener, String> {
-    TcpListener::bind((record.bind.as_str(), record.port))
+    let fail = |e: std::io::Error| {
+        format!(
+            "cannot listen on {}:{} for listener {} ({e}); pick another --port or stop what \
+             uses it",
+            record.bind, record.port, record.name
+        )
+    };
+    let mut last = None;
+    for addr in tokio::net::lookup_host((record.bind.as_str(), record.port))
         .await
-        .map_err(|e| {
-            format!(
-                "cannot listen on {}:{} for listener {} ({e}); pick another --port or stop what \
-                 uses it",
-                record.bind, record.port, record.name
-            )
-        })
+        .map_err(fail)?
+    {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        };
+        let bound = socket.and_then(|socket| {
+            // As std and tokio do for listeners: a restarted site rebinds at once.
+            socket.set_reuseaddr(true)?;
+            socket.bind(addr)?;
+            socket.listen(LISTEN_BACKLOG)
+        });
+        match bound {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(fail(last.unwrap_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::NotFound, "no address")
+    })))
 }
 
 fn listener_config(record: &ListenerRecord) -> ListenerConfig {

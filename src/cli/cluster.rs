@@ -502,6 +502,7 @@ pub async fn run_controller(
     } else {
         router_selector.into_iter().collect()
     };
+    super::site::prepare_process();
     let signals = super::shutdown_on_signals()?;
     // The first SIGTERM (a pod being replaced) drains the router: its listeners stop taking
     // clients and other sites stop routing here, while carried connections finish. The

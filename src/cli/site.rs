@@ -196,11 +196,28 @@ pub async fn run(
     }
 }
 
+/// What a daemon process sets up before it serves: jemalloc's background purging (memory freed
+/// after a burst goes back to the system on time, not only when the process allocates again)
+/// and the open-file limit (a descriptor per carried connection on each side; the usual soft
+/// limit, 1024, would stop a site at a few hundred).
+pub(crate) fn prepare_process() {
+    #[cfg(unix)]
+    if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
+        tracing::debug!(error = %e, "jemalloc background threads not started");
+    }
+    #[cfg(unix)]
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::debug!(limit, "open files limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open files limit"),
+    }
+}
+
 async fn run_daemon(
     dir: &Path,
     mut options: RunOptions,
     metrics_addr: Option<SocketAddr>,
 ) -> Result<()> {
+    prepare_process();
     let store = Store::new(dir);
     // Bad config stops the daemon before it binds anything.
     let mut config = store.load_config()?;

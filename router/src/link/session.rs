@@ -64,6 +64,14 @@ pub(crate) async fn run(
     heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();
     let mut last_received = transport.received();
+    // Heartbeat ticks in a row at which nothing had arrived. The peer is dead when both this
+    // many ticks and `dead_after` have passed in silence: a router too busy to run its own
+    // tasks on time (its connection drivers included, which count what arrives) must not
+    // take its lateness for the peer's death — an overloaded site once cut a link carrying
+    // 10,000 connections this way (tests/load.rs with the CPU taken by something else).
+    let mut silent_ticks: u32 = 0;
+    let dead_ticks = (config.dead_after.as_millis() / config.heartbeat_interval.as_millis().max(1))
+        .max(1) as u32;
     let mut seq: u64 = 0;
     let mut pings: VecDeque<(u64, Instant)> = VecDeque::with_capacity(MAX_PINGS_IN_FLIGHT);
     let mut renew_at = match &role {
@@ -113,7 +121,12 @@ pub(crate) async fn run(
                     last_received = received;
                     last_heard = Instant::now();
                 }
-                if last_heard.elapsed() > config.dead_after {
+                if last_heard.elapsed() > config.heartbeat_interval {
+                    silent_ticks += 1;
+                } else {
+                    silent_ticks = 0;
+                }
+                if last_heard.elapsed() > config.dead_after && silent_ticks >= dead_ticks {
                     break format!(
                         "peer {peer_name} sent nothing for {} ms",
                         last_heard.elapsed().as_millis()
