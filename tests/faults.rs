@@ -704,11 +704,7 @@ fn loss(world: &World, sites: &Sites) -> Fault {
     let converged = sites.converge("loss and delay on a-c", Instant::now());
     Fault {
         name: "loss",
-        what: format!(
-            "30% loss + 200 ms delay on a-c for {} s ({})",
-            held.as_secs(),
-            world.impairment_kind()
-        ),
+        what: format!("30% loss + 200 ms delay on a-c for {} s", held.as_secs()),
         converged,
         notes: Vec::new(),
     }

@@ -277,12 +277,35 @@ pub struct Outcome {
 
 /// Makes one checked connection to `addr` with `req`, giving up after `deadline`.
 pub async fn exchange(addr: SocketAddr, req: Request, deadline: Duration) -> Outcome {
+    exchange_with(addr, req, None, deadline).await
+}
+
+/// Like [`exchange`], for a long-lived connection: it sends half its upload, counts itself
+/// in `held`, keeps the connection open both ways until `until`, then sends the rest and takes
+/// its answer (for which it has `deadline`).
+pub async fn exchange_held(
+    addr: SocketAddr,
+    req: Request,
+    until: tokio::time::Instant,
+    held: &AtomicU64,
+    deadline: Duration,
+) -> Outcome {
+    let deadline = until.saturating_duration_since(tokio::time::Instant::now()) + deadline;
+    exchange_with(addr, req, Some((until, held)), deadline).await
+}
+
+async fn exchange_with(
+    addr: SocketAddr,
+    req: Request,
+    hold: Option<(tokio::time::Instant, &AtomicU64)>,
+    deadline: Duration,
+) -> Outcome {
     let started = Instant::now();
     let mut tag = None;
     let mut received = 0u64;
     let verdict = match tokio::time::timeout(
         deadline,
-        run_client(addr, req, &mut tag, &mut received),
+        run_client(addr, req, hold, &mut tag, &mut received),
     )
     .await
     {
@@ -301,6 +324,7 @@ pub async fn exchange(addr: SocketAddr, req: Request, deadline: Duration) -> Out
 async fn run_client(
     addr: SocketAddr,
     req: Request,
+    hold: Option<(tokio::time::Instant, &AtomicU64)>,
     tag: &mut Option<u8>,
     received: &mut u64,
 ) -> Verdict {
@@ -316,11 +340,21 @@ async fn run_client(
         wr.write_all(&req.encode()).await?;
         let mut buf = vec![0u8; CHUNK];
         let mut off: u64 = 0;
+        let mut hold = hold;
         while off < req.up as u64 {
-            let n = (req.up as u64 - off).min(CHUNK as u64) as usize;
+            let mut n = (req.up as u64 - off).min(CHUNK as u64) as usize;
+            if hold.is_some() {
+                n = n.min((req.up as u64 / 2).saturating_sub(off).max(1) as usize);
+            }
             fill(req.seed, off, &mut buf[..n]);
             wr.write_all(&buf[..n]).await?;
             off += n as u64;
+            if off >= req.up as u64 / 2 {
+                if let Some((until, held)) = hold.take() {
+                    held.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep_until(until).await;
+                }
+            }
         }
         wr.shutdown().await
     };

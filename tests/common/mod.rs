@@ -22,9 +22,13 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause between two polls.
 const POLL: Duration = Duration::from_millis(100);
 
-/// The binary under test.
+/// The binary under test: this build's, or the one `SKIFF_BIN` names (say, a release build
+/// for the load run).
 pub fn skiff() -> &'static str {
-    env!("CARGO_BIN_EXE_skiff")
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("SKIFF_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_skiff").to_string())
+    })
 }
 
 /// One site: its state dir, its link port and (while running) its daemon.
