@@ -179,10 +179,12 @@ async fn origin(
                         metrics.connect_error(key, "refused");
                         continue;
                     }
-                    tallies.0.add(early.bytes.len());
+                    // Delivered: the copy is no longer needed (an idle connection holds none).
+                    let sent = std::mem::take(&mut early).bytes.len();
+                    tallies.0.add(sent);
                     let (end, mut moved) =
                         splice::tcp_tcp(client, server, tallies, &inner.shutdown).await;
-                    moved.up += early.bytes.len() as u64;
+                    moved.up += sent as u64;
                     (end, moved)
                 }
                 Err(e) => {
@@ -217,11 +219,12 @@ async fn origin(
                         Tally::new([to_target.clone(), tx]),
                         Tally::new([to_client.clone(), rx]),
                     );
-                    tallies.0.add(early.bytes.len());
+                    let sent = std::mem::take(&mut early).bytes.len();
+                    tallies.0.add(sent);
                     let (end, mut moved) =
                         splice::tcp_stream(client, send, recv, leftover, tallies, &inner.shutdown)
                             .await;
-                    moved.up += early.bytes.len() as u64;
+                    moved.up += sent as u64;
                     (end, moved)
                 }
                 Err(Refusal::Site(reason, e)) => {
@@ -354,9 +357,11 @@ async fn open_remote(
         if let Some(result) = ConnectResult::decode(&mut buf).map_err(|e| link(e.to_string()))? {
             break result;
         }
+        // Grow with what the client actually sends: most first requests are small, and a
+        // client that sends nothing before the answer should cost next to nothing.
         let room = EARLY_DATA.saturating_sub(early.bytes.len());
-        if room > 0 {
-            early.bytes.reserve(room.min(16 * 1024));
+        if room > 0 && early.bytes.capacity() == early.bytes.len() {
+            early.bytes.reserve(room.min(early.bytes.len().max(2048)));
         }
         let reading = sending && !early.eof && room > 0;
         let before = early.bytes.len();
