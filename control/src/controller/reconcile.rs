@@ -86,6 +86,16 @@ fn site_not_found(e: &ClientError) -> bool {
     matches!(e, ClientError::Api { status: 404, .. })
 }
 
+/// Deletes `path` on the site's admin API; `true` if it existed (a second delete is not an
+/// error: cleanup must be repeatable).
+async fn site_delete(ctx: &Context, path: &str) -> Result<bool, Error> {
+    match ctx.site.delete::<serde_json::Value>(path).await {
+        Ok(_) => Ok(true),
+        Err(e) if site_not_found(&e) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Server-side applies `object` (create or update; fields we own follow us).
 async fn apply<K>(api: &Api<K>, object: &K) -> Result<K, kube::Error>
 where
@@ -169,14 +179,8 @@ pub async fn listener(listener: Arc<Listener>, ctx: Arc<Context>) -> Result<Acti
         match event {
             Event::Apply(l) => apply_listener(&l, &ctx).await,
             Event::Cleanup(l) => {
-                match ctx
-                    .site
-                    .delete::<serde_json::Value>(&format!("/v1/listeners/{}", l.name_any()))
-                    .await
-                {
-                    Ok(_) => tracing::info!(listener = %l.name_any(), "listener removed"),
-                    Err(e) if site_not_found(&e) => {}
-                    Err(e) => return Err(e.into()),
+                if site_delete(&ctx, &format!("/v1/listeners/{}", l.name_any())).await? {
+                    tracing::info!(listener = %l.name_any(), "listener removed");
                 }
                 Ok(Action::await_change())
             }
@@ -261,15 +265,7 @@ async fn ensure_site_listener(
         if same && view.error.is_none() {
             return Ok(Ok(view.clone()));
         }
-        match ctx
-            .site
-            .delete::<serde_json::Value>(&format!("/v1/listeners/{name}"))
-            .await
-        {
-            Ok(_) => {}
-            Err(e) if site_not_found(&e) => {}
-            Err(e) => return Err(e.into()),
-        }
+        site_delete(ctx, &format!("/v1/listeners/{name}")).await?;
     }
     let created = ctx
         .site
@@ -411,18 +407,8 @@ async fn sync_site_connectors(
                 && existing.routing_key == spec.routing_key
                 && existing.weight == weight
         });
-        if !wanted {
-            match ctx
-                .site
-                .delete::<serde_json::Value>(&format!("/v1/connectors/{}", existing.name))
-                .await
-            {
-                Ok(_) => {
-                    tracing::info!(connector = %existing.name, host = %existing.host, "backend removed")
-                }
-                Err(e) if site_not_found(&e) => {}
-                Err(e) => return Err(e.into()),
-            }
+        if !wanted && site_delete(ctx, &format!("/v1/connectors/{}", existing.name)).await? {
+            tracing::info!(connector = %existing.name, host = %existing.host, "backend removed");
         }
     }
     for (backend, host) in backends {
@@ -476,14 +462,8 @@ pub async fn grant(grant: Arc<AccessGrant>, ctx: Arc<Context>) -> Result<Action,
                     None => None,
                 };
                 if let Some(id) = id {
-                    match ctx
-                        .site
-                        .delete::<serde_json::Value>(&format!("/v1/grants/{id}"))
-                        .await
-                    {
-                        Ok(_) => tracing::info!(grant = %g.name_any(), "token withdrawn"),
-                        Err(e) if site_not_found(&e) => {}
-                        Err(e) => return Err(e.into()),
+                    if site_delete(&ctx, &format!("/v1/grants/{id}")).await? {
+                        tracing::info!(grant = %g.name_any(), "token withdrawn");
                     }
                 }
                 Ok(Action::await_change())
@@ -713,14 +693,8 @@ pub async fn link(link: Arc<Link>, ctx: Arc<Context>) -> Result<Action, Error> {
         match event {
             Event::Apply(l) => apply_link(&l, &ctx).await,
             Event::Cleanup(l) => {
-                match ctx
-                    .site
-                    .delete::<serde_json::Value>(&format!("/v1/links/{}", l.name_any()))
-                    .await
-                {
-                    Ok(_) => tracing::info!(link = %l.name_any(), "link removed"),
-                    Err(e) if site_not_found(&e) => {}
-                    Err(e) => return Err(e.into()),
+                if site_delete(&ctx, &format!("/v1/links/{}", l.name_any())).await? {
+                    tracing::info!(link = %l.name_any(), "link removed");
                 }
                 Ok(Action::await_change())
             }
