@@ -447,12 +447,7 @@ pub async fn run(
             host,
             ..
         }) => {
-            let spec = ListenerSpec {
-                routing_key: key.clone(),
-                port,
-                host,
-                strategy: Some(strategy),
-            };
+            let spec = super::service::listener_spec(&key, port, host, strategy);
             listener_create(&cluster, &name.unwrap_or(key), spec).await
         }
         Command::Listener(ListenerCommand::Delete { name }) => {
@@ -467,13 +462,7 @@ pub async fn run(
             weight,
             ..
         }) => {
-            let spec = ConnectorSpec {
-                routing_key: key.clone(),
-                port,
-                selector: (!selector.is_empty()).then(|| selector.into_iter().collect()),
-                host,
-                weight: Some(weight),
-            };
+            let spec = super::service::connector_spec(&key, port, selector, host, weight);
             connector_create(&cluster, &name.unwrap_or(key), spec).await
         }
         Command::Connector(ConnectorCommand::Delete { name }) => {

@@ -30,6 +30,40 @@ where
     Ok(serde_yaml_ng::to_string(&resource)?)
 }
 
+/// The Connector resource `connector create` describes (printed with `-o yaml`, applied with
+/// `--kube`).
+pub(crate) fn connector_spec(
+    key: &str,
+    port: u16,
+    selector: Vec<(String, String)>,
+    host: Option<String>,
+    weight: u32,
+) -> crd::ConnectorSpec {
+    crd::ConnectorSpec {
+        routing_key: key.to_string(),
+        port,
+        selector: (!selector.is_empty()).then(|| selector.into_iter().collect()),
+        host,
+        weight: Some(weight),
+    }
+}
+
+/// The Listener resource `listener create` describes (printed with `-o yaml`, applied with
+/// `--kube`).
+pub(crate) fn listener_spec(
+    key: &str,
+    port: u16,
+    host: Option<String>,
+    strategy: String,
+) -> crd::ListenerSpec {
+    crd::ListenerSpec {
+        routing_key: key.to_string(),
+        port,
+        host,
+        strategy: Some(strategy),
+    }
+}
+
 /// `skiff connector ...`
 #[derive(Subcommand, Debug)]
 pub enum ConnectorCommand {
@@ -138,13 +172,7 @@ pub async fn connector(
             weight,
             output: Some(_),
         } => {
-            let spec = crd::ConnectorSpec {
-                routing_key: key.clone(),
-                port,
-                selector: (!selector.is_empty()).then(|| selector.into_iter().collect()),
-                host,
-                weight: Some(weight),
-            };
+            let spec = connector_spec(&key, port, selector, host, weight);
             let resource = crd::Connector::new(&name.unwrap_or(key), spec);
             print!("{}", resource_yaml(resource, namespace)?);
         }
@@ -225,12 +253,7 @@ pub async fn listener(command: ListenerCommand, dir: &Path, namespace: Option<&s
             output: Some(_),
             ..
         } => {
-            let spec = crd::ListenerSpec {
-                routing_key: key.clone(),
-                port,
-                host,
-                strategy: Some(strategy),
-            };
+            let spec = listener_spec(&key, port, host, strategy);
             let resource = crd::Listener::new(&name.unwrap_or(key), spec);
             print!("{}", resource_yaml(resource, namespace)?);
         }
