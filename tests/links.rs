@@ -652,3 +652,58 @@ on_every_transport!(
     garbage_on_the_link_port_harms_nobody,
     client_certificates_are_renewed_over_the_live_link,
 );
+
+/// The same token file serves a host site (`link create`) and a cluster (`kubectl apply`):
+/// `link create -o yaml` prints it as the AccessToken resource, key-free, without redeeming it;
+/// `--kube` commands print resources without a cluster and fail clearly without one.
+#[test]
+fn token_files_print_as_access_tokens_and_kube_commands_need_a_cluster() {
+    let b = Site::start("b");
+    let a = Site::start("a");
+    let token = b.issue("for-a.yaml", &[]);
+    let path = token.to_str().unwrap();
+    let file = std::fs::read_to_string(&token).unwrap();
+    let yaml = a.ok(&["--namespace", "dev", "link", "create", path, "-o", "yaml"]);
+    let resource: skiff_control::crd::AccessTokenResource = serde_yaml_ng::from_str(&yaml).unwrap();
+    let parsed = skiff_control::token::AccessToken::parse(&file).unwrap();
+    assert_eq!(
+        resource.spec.token, parsed.spec,
+        "the same content as the file"
+    );
+    assert_eq!(
+        resource.metadata.name.as_deref(),
+        Some(parsed.metadata.name.as_str())
+    );
+    assert!(!yaml.contains("PRIVATE KEY"), "no key in a token: {yaml}");
+    // Printing redeemed nothing: the one-use token still links.
+    a.ok(&["link", "create", path, "--wait", "10s"]);
+
+    // The issue's GitOps command, verbatim, needs no cluster.
+    let yaml = a.ok(&[
+        "--kube",
+        "--namespace",
+        "ns1",
+        "listener",
+        "create",
+        "web",
+        "--port",
+        "8080",
+        "-o",
+        "yaml",
+    ]);
+    let listener: skiff_control::crd::Listener = serde_yaml_ng::from_str(&yaml).unwrap();
+    assert_eq!(listener.metadata.namespace.as_deref(), Some("ns1"));
+    assert_eq!(listener.spec.port, 8080);
+    // Acting on a cluster without one says what to do.
+    let out = Command::new(common::skiff())
+        .args(["--kube", "status"])
+        .env("KUBECONFIG", a.scratch("no-such-kubeconfig"))
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("set KUBECONFIG"), "{err}");
+    let err = a.fails(&["site", "run", "--router-selector", "app=x"]);
+    assert!(err.contains("add --kube"), "{err}");
+}
