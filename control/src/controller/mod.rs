@@ -213,10 +213,18 @@ async fn wait_for_site(
     }
 }
 
-/// Applies (or removes) the link-access Service of `site` and reads where it is reached.
-async fn link_access(ctx: &Context, site: &Site) -> Result<LinkAccessPoint, Error> {
+/// Applies (or removes) the link-access Service of `site` and reads where it is reached. With
+/// `apply` false (the Site is unchanged since it was applied) the Service is only read, unless
+/// it has gone.
+async fn link_access(ctx: &Context, site: &Site, apply: bool) -> Result<LinkAccessPoint, Error> {
     let api: Api<Service> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
+    let existing = if apply {
+        None
+    } else {
+        api.get_opt(resources::LINK_SERVICE).await?
+    };
     let service = match resources::link_service(site, &ctx.namespace, &ctx.router_selector) {
+        Some(_) if existing.is_some() => existing,
         Some(service) => Some(
             api.patch(
                 resources::LINK_SERVICE,
@@ -247,7 +255,7 @@ async fn link_access(ctx: &Context, site: &Site) -> Result<LinkAccessPoint, Erro
     ))
 }
 
-async fn settings_of(ctx: &Context, site: &Site) -> Result<Settings, Error> {
+async fn settings_of(ctx: &Context, site: &Site, apply: bool) -> Result<Settings, Error> {
     let cert_lifetime = match &site.spec.cert_lifetime {
         Some(text) => humantime::parse_duration(text).map_err(|e| {
             crate::Error::Invalid(format!(
@@ -261,7 +269,7 @@ async fn settings_of(ctx: &Context, site: &Site) -> Result<Settings, Error> {
         link_port: site.spec.link_port,
         quic: site.spec.quic,
         cert_lifetime,
-        access: link_access(ctx, site).await?,
+        access: link_access(ctx, site, apply).await?,
     })
 }
 
@@ -358,7 +366,7 @@ async fn run_site(
     metrics: Option<&std::net::TcpListener>,
     phase: &CancellationToken,
 ) -> Result<(), Error> {
-    let settings = settings_of(ctx, site).await?;
+    let settings = settings_of(ctx, site, true).await?;
     ctx.reachable.store(
         !settings.access.hosts.is_empty(),
         std::sync::atomic::Ordering::Relaxed,
@@ -433,7 +441,10 @@ async fn watch_site(
                 site.clone()
             }
         };
-        match settings_of(ctx, &current).await {
+        // The Service is applied again only when the Site's spec changed; otherwise it is read
+        // (for the load balancer's address).
+        let changed = current.metadata.generation != site.metadata.generation;
+        match settings_of(ctx, &current, changed).await {
             Ok(settings) if settings != *running => {
                 tracing::info!(site = %name, "Site settings changed; restarting the router");
                 return Ok(());

@@ -744,7 +744,7 @@ async fn fake_site_identity_lives_in_its_secret_and_follows_the_load_balancer() 
             "spec": {"linkAccess": "LoadBalancer", "linkHosts": ["prod.example.com"]}}),
     );
     let site: crate::crd::Site = get(&fake, SITES, "prod").await;
-    let settings = super::settings_of(&ctx, &site).await.unwrap();
+    let settings = super::settings_of(&ctx, &site, true).await.unwrap();
     let service = fake
         .get(SERVICES, resources::LINK_SERVICE)
         .expect("link Service");
@@ -756,7 +756,12 @@ async fn fake_site_identity_lives_in_its_secret_and_follows_the_load_balancer() 
     let mut with_ip = service.clone();
     with_ip["status"] = json!({"loadBalancer": {"ingress": [{"ip": "203.0.113.9"}]}});
     fake.insert(SERVICES, with_ip);
-    let later = super::settings_of(&ctx, &site).await.unwrap();
+    fake.take_requests();
+    let later = super::settings_of(&ctx, &site, false).await.unwrap();
+    assert!(
+        fake.take_requests().iter().all(|r| r.starts_with("GET")),
+        "an unchanged Site's Service is only read"
+    );
     assert_ne!(later, settings);
     assert_eq!(later.access.pending, None);
     assert!(later.access.hosts.contains(&"203.0.113.9".to_string()));
