@@ -31,6 +31,7 @@ use crate::model::{
 use crate::store::{Mode, Store};
 use crate::token::{AccessToken, Issuer, Metadata, Secret, TokenSpec};
 use crate::Error;
+use skiff_router::link::tls::{link_tcp, LinkTcp};
 use skiff_router::reject::{Endpoint, Reason};
 
 /// Most token redemptions answered at once; more are refused until one finishes.
@@ -1213,7 +1214,7 @@ impl Site {
     /// Answers one redemption on the link port, from `from`.
     async fn serve_claim(
         &self,
-        mut tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+        mut tls: tokio_rustls::server::TlsStream<LinkTcp>,
         from: std::net::SocketAddr,
     ) {
         let allowed = self
@@ -1608,13 +1609,7 @@ async fn handshake(
     site: &Site,
     tcp: tokio::net::TcpStream,
     deadline: tokio::time::Instant,
-) -> Result<
-    (
-        Endpoint,
-        tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
-    ),
-    Refused,
-> {
+) -> Result<(Endpoint, tokio_rustls::server::TlsStream<LinkTcp>), Refused> {
     let link = Endpoint::Link;
     // The first byte tells a connection that closes at once (a port scan, a health check) and
     // bytes that are not TLS at all from a handshake. 0x16: a TLS handshake record.
@@ -1635,7 +1630,7 @@ async fn handshake(
         }
     }
     let acceptor = rustls::server::Acceptor::default();
-    let mut hello = tokio_rustls::LazyConfigAcceptor::new(acceptor, tcp);
+    let mut hello = tokio_rustls::LazyConfigAcceptor::new(acceptor, link_tcp(tcp));
     let start = match tokio::time::timeout_at(deadline, &mut hello).await {
         Ok(Ok(start)) => start,
         Ok(Err(e)) => {
@@ -1669,9 +1664,14 @@ async fn handshake(
     let accept = start.into_stream(site.server_tls.clone()).into_fallible();
     match tokio::time::timeout_at(deadline, accept).await {
         Ok(Ok(tls)) => Ok((endpoint, tls)),
-        Ok(Err((e, tcp))) => {
+        Ok(Err((e, io))) => {
             let detail = format!("TLS handshake failed: {e}");
-            Err((endpoint, Reason::of_tls_io(&e), detail, Some(tcp)))
+            Err((
+                endpoint,
+                Reason::of_tls_io(&e),
+                detail,
+                Some(io.into_inner()),
+            ))
         }
         Err(_) => {
             let detail = "the TLS handshake did not finish within the handshake timeout";

@@ -550,7 +550,7 @@ impl Router {
 
     /// Hands an accepted TLS connection (ALPN [`ALPN_LINK`]) to the router. Returns when the link
     /// session it belongs to ends.
-    pub async fn accept(&self, tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>) {
+    pub async fn accept(&self, tls: tokio_rustls::server::TlsStream<link::tls::LinkTcp>) {
         link::accept::run(self.inner.clone(), tls).await
     }
 

@@ -16,15 +16,23 @@ use std::pin::pin;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::link::transport::{RecvStream, SendStream};
 use crate::metrics::Tally;
 
-/// Size of a read from a TCP socket.
-pub(crate) const READ_CHUNK: usize = 64 * 1024;
+/// Largest read from a TCP socket. Large reads mean fewer system calls per byte (128 KiB
+/// instead of 64 cut the routers' CPU per GB carried by about a fifth). The size leaves room
+/// for the 9-byte HTTP/2 frame header that carries the chunk over a TLS link, so that a full
+/// read fills exactly eight 16 KiB TLS records: at 64 KiB even, every chunk left a 9-byte
+/// record behind, with its own encryption and its own `writev`.
+pub(crate) const READ_CHUNK: usize = 8 * TLS_RECORD - HTTP2_FRAME_HEADER;
+/// Most plaintext one TLS record carries.
+const TLS_RECORD: usize = 16 * 1024;
+/// An HTTP/2 frame header.
+const HTTP2_FRAME_HEADER: usize = 9;
 
 /// How a carried connection ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,10 +101,10 @@ pub(crate) async fn tcp_stream<S: SendStream, R: RecvStream>(
 ) -> (End, Moved) {
     let (mut up_n, mut down_n) = (0u64, 0u64);
     let result = {
-        let (rd, mut wr) = tcp.split();
+        let (mut rd, mut wr) = tcp.split();
         let up = async {
             loop {
-                match read_chunk(&rd).await {
+                match read_chunk(&mut rd).await {
                     Ok(None) => return send.finish().map_err(|e| e.to_string()),
                     Ok(Some(chunk)) => {
                         up_n += chunk.len() as u64;
@@ -285,18 +293,19 @@ const SMALL_CHUNK: usize = 4096;
 /// Reads what `from` has, up to [`READ_CHUNK`]; `None` at its end. The buffer is taken only
 /// once data is there: an idle connection holds none. (Each of 10,000 idle connections held a
 /// 64 KiB buffer before, and the allocator kept most of that memory after they closed.)
-async fn read_chunk(from: &tokio::net::tcp::ReadHalf<'_>) -> std::io::Result<Option<Bytes>> {
-    loop {
-        from.readable().await?;
-        let mut buf = BytesMut::with_capacity(READ_CHUNK);
-        match from.try_read_buf(&mut buf) {
-            Ok(0) => return Ok(None),
-            // A small chunk would keep the whole buffer alive while it waits to be sent.
-            Ok(n) if n < SMALL_CHUNK => return Ok(Some(Bytes::copy_from_slice(&buf))),
-            Ok(_) => return Ok(Some(buf.freeze())),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        }
+///
+/// The read itself goes through `poll_read`, not `try_read`: a read that returns less than
+/// asked tells tokio the socket is drained, where `try_read` leaves it marked readable, so the
+/// next call made one more `recvfrom` only to get `EAGAIN` — a wasted system call per message
+/// in request/response traffic.
+async fn read_chunk(from: &mut tokio::net::tcp::ReadHalf<'_>) -> std::io::Result<Option<Bytes>> {
+    from.readable().await?;
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    match from.read_buf(&mut buf).await? {
+        0 => Ok(None),
+        // A small chunk would keep the whole buffer alive while it waits to be sent.
+        n if n < SMALL_CHUNK => Ok(Some(Bytes::copy_from_slice(&buf))),
+        _ => Ok(Some(buf.freeze())),
     }
 }
 

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -29,7 +28,7 @@ use crate::{Direction, Inner, LinkState, LinkStatus, ALPN_LINK};
 
 type Control = ControlChannel<AnySend, AnyRecv>;
 
-type ServerTls = tokio_rustls::server::TlsStream<TcpStream>;
+type ServerTls = tokio_rustls::server::TlsStream<super::tls::LinkTcp>;
 
 /// Most forward connections waiting for their reverse half at once.
 const MAX_PENDING: usize = 1024;
@@ -41,9 +40,13 @@ pub(crate) struct Pending {
 }
 
 pub(crate) async fn run(inner: Arc<Inner>, mut tls: ServerTls) {
+    tls.get_mut()
+        .1
+        .set_buffer_limit(Some(super::tls::SEND_TLS_BUFFER));
     let from = tls
         .get_ref()
         .0
+        .get_ref()
         .peer_addr()
         .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
     let rejections = &inner.metrics.rejections;

@@ -288,7 +288,7 @@ async fn handshake(
     link: &OutgoingLink,
     connector: &TlsConnector,
     endpoint: &str,
-    mut forward: tokio_rustls::client::TlsStream<TcpStream>,
+    mut forward: tokio_rustls::client::TlsStream<super::tls::LinkTcp>,
     session: [u8; 16],
 ) -> Result<(LinkTransport, Control), String> {
     let config = &inner.config;
@@ -336,7 +336,7 @@ async fn open_tls(
     connector: &TlsConnector,
     endpoint: &str,
     connect_timeout: Duration,
-) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+) -> Result<tokio_rustls::client::TlsStream<super::tls::LinkTcp>, String> {
     let host = crate::endpoint_host(endpoint);
     let server_name = ServerName::try_from(host.to_string())
         .map_err(|_| format!("{endpoint}: {host:?} is not a valid host name"))?;
@@ -346,12 +346,17 @@ async fn open_tls(
         .map_err(|e| format!("{endpoint}: {e}"))?;
     let _ = tcp.set_nodelay(true);
     let mut tls = connector
-        .connect(server_name, tcp)
+        .connect(server_name, super::tls::link_tcp(tcp))
         .await
         .map_err(|e| format!("{endpoint}: TLS: {e}"))?;
     let mut ack = [0u8; 1];
     match tokio::time::timeout(connect_timeout, tls.read_exact(&mut ack)).await {
-        Ok(Ok(_)) if ack[0] == LINK_ACCEPTED => Ok(tls),
+        Ok(Ok(_)) if ack[0] == LINK_ACCEPTED => {
+            tls.get_mut()
+                .1
+                .set_buffer_limit(Some(super::tls::SEND_TLS_BUFFER));
+            Ok(tls)
+        }
         Ok(Ok(_)) => Err(format!("{endpoint}: not a skiff link port")),
         Ok(Err(e)) => Err(format!("{endpoint}: TLS: {e}")),
         Err(_) => Err(format!(

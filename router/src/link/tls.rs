@@ -42,6 +42,25 @@ const SEND_BUFFER: usize = 1024 * 1024;
 const MAX_HEADER_LIST: u32 = 16 * 1024;
 /// Streams the peer opened that the router has not picked up yet.
 const ACCEPT_QUEUE: usize = 1024;
+/// Read buffer under TLS on a link's TCP connection. rustls reads from its socket at most what
+/// completes the record it is assembling (4 KiB when its buffer has just been emptied), so every
+/// 16 KiB record cost at least one `recvfrom`; with this buffer one call takes in up to sixteen
+/// records. It is per link connection, not per carried connection.
+pub const READ_BUFFER: usize = 256 * 1024;
+
+/// Most encrypted bytes rustls holds for the socket on a link connection (its default is
+/// 64 KiB). An HTTP/2 DATA frame of a full read from a carried connection (128 KiB) then goes
+/// to the socket in one `writev` instead of two.
+pub const SEND_TLS_BUFFER: usize = 256 * 1024;
+
+/// A link's TCP connection as TLS sees it: the socket with a read buffer under rustls (see
+/// [`READ_BUFFER`]). Writes pass straight through.
+pub type LinkTcp = tokio::io::BufReader<tokio::net::TcpStream>;
+
+/// Wraps a connected socket for TLS on a link (or a token redemption on the link port).
+pub fn link_tcp(tcp: tokio::net::TcpStream) -> LinkTcp {
+    tokio::io::BufReader::with_capacity(READ_BUFFER, tcp)
+}
 
 /// The half of a link on which this router is the HTTP/2 client: it opens streams here.
 pub struct ClientHalf {
