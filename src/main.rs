@@ -21,10 +21,15 @@ fn main() -> ExitCode {
     let args = cli::Args::parse();
     let json_logs = args.log_format == cli::LogFormat::Json;
     let recent_logs = cli::init_logging(&args);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = match args.threads() {
+        cli::Threads::One => tokio::runtime::Builder::new_current_thread(),
+        cli::Threads::Pool(n) => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(n);
+            builder
+        }
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

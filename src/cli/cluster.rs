@@ -408,6 +408,7 @@ pub async fn run(
             router_selector,
             drain_timeout,
             limits,
+            threads: _,
         }) => {
             let options = skiff_control::site::RunOptions {
                 access_log: !no_access_log,

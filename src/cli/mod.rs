@@ -83,6 +83,39 @@ pub enum Command {
     Demo(demo::DemoArgs),
 }
 
+/// How many threads the async runtime runs: 1 means a single-threaded runtime.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Threads {
+    /// Everything on the thread that calls `block_on`.
+    One,
+    /// A work-stealing pool of this many workers.
+    Pool(usize),
+}
+
+impl Args {
+    /// The runtime the command wants. A site daemon gets `--threads` (default: half the CPUs
+    /// it may use, at least one — on two cores one thread carries a fifth more than two,
+    /// because the second costs more in cross-thread wake-ups than it adds; see
+    /// docs/performance.md). The demo runs three sites and keeps a pool; client commands make
+    /// one request and need no pool.
+    pub fn threads(&self) -> Threads {
+        let wanted = match &self.command {
+            Command::Site(site::SiteCommand::Run { threads, .. }) => match threads {
+                Some(n) => usize::from(*n),
+                None => std::thread::available_parallelism().map_or(1, |n| n.get() / 2),
+            },
+            Command::Demo(_) => {
+                return Threads::Pool(std::thread::available_parallelism().map_or(2, |n| n.get()))
+            }
+            _ => 1,
+        };
+        match wanted {
+            0 | 1 => Threads::One,
+            n => Threads::Pool(n),
+        }
+    }
+}
+
 /// Log output formats.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -275,6 +308,33 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_runtime_follows_the_command() {
+        let threads = |args: &[&str]| Args::try_parse_from(args).map(|a| a.threads());
+        assert_eq!(
+            threads(&["skiff", "site", "run", "--threads", "1"]).unwrap(),
+            Threads::One
+        );
+        assert_eq!(
+            threads(&["skiff", "site", "run", "--threads", "3"]).unwrap(),
+            Threads::Pool(3)
+        );
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let default = threads(&["skiff", "site", "run"]).unwrap();
+        match cpus / 2 {
+            0 | 1 => assert_eq!(default, Threads::One),
+            half => assert_eq!(default, Threads::Pool(half)),
+        }
+        // A client command makes one request: no pool.
+        assert_eq!(threads(&["skiff", "status"]).unwrap(), Threads::One);
+        assert!(matches!(
+            threads(&["skiff", "demo"]).unwrap(),
+            Threads::Pool(_)
+        ));
+        let zero = threads(&["skiff", "site", "run", "--threads", "0"]).unwrap_err();
+        assert!(zero.to_string().contains("--threads"), "{zero}");
+    }
 
     #[test]
     fn durations() {

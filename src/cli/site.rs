@@ -60,6 +60,12 @@ pub enum SiteCommand {
         /// How long a graceful stop waits for carried connections before it resets them.
         #[arg(long, value_parser = super::parse_duration, default_value = "10s", value_name = "DURATION")]
         drain_timeout: Duration,
+        /// Threads that carry traffic (default: half the CPUs this process may use, at least
+        /// one). With one, the whole site runs on one thread, which is the fastest on small
+        /// machines (docs/performance.md); raise it when that thread is the limit.
+        #[arg(long, env = "SKIFF_THREADS", value_name = "N",
+              value_parser = clap::value_parser!(u16).range(1..=1024))]
+        threads: Option<u16>,
         #[command(flatten)]
         limits: LimitArgs,
     },
@@ -179,6 +185,7 @@ pub async fn run(
             router_selector,
             drain_timeout,
             limits,
+            threads: _,
         } => {
             anyhow::ensure!(
                 router_selector.is_empty(),
