@@ -115,15 +115,16 @@ impl ClientHalf {
             .ready()
             .await
             .map_err(stream_error)?;
-        let request = http::Request::builder()
-            .uri("http://skiff/")
-            .body(())
-            .map_err(|e| StreamError::LinkClosed(e.to_string()))?;
+        // A fixed request: the stream's first bytes say what it carries.
+        let mut request = http::Request::new(());
+        *request.uri_mut() = http::Uri::from_static("http://skiff/");
         let (response, send) = send_request
             .send_request(request, false)
             .map_err(stream_error)?;
         Ok((
-            H2Send { inner: send },
+            H2Send {
+                state: SendState::Open(send),
+            },
             H2Recv {
                 state: RecvState::Waiting(response),
             },
@@ -176,16 +177,11 @@ impl ServerHalf {
                     _ = dead.cancelled() => break,
                 };
                 match next {
-                    Some(Ok((request, mut respond))) => {
-                        let send = match respond.send_response(http::Response::new(()), false) {
-                            Ok(send) => send,
-                            Err(e) => {
-                                tracing::debug!(error = %e, "could not answer a new stream");
-                                continue;
-                            }
-                        };
+                    Some(Ok((request, respond))) => {
                         let pair = (
-                            H2Send { inner: send },
+                            H2Send {
+                                state: SendState::Unanswered(respond),
+                            },
                             H2Recv {
                                 state: RecvState::Ready(request.into_body()),
                             },
@@ -326,14 +322,43 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counting<T> {
 
 /// The sending half of an HTTP/2 stream.
 pub struct H2Send {
-    inner: h2::SendStream<Bytes>,
+    state: SendState,
+}
+
+enum SendState {
+    /// A stream the peer opened that this side has not answered yet. The response headers wait
+    /// for the first bytes (or the finish, or the reset), so that they leave in the same write
+    /// and the same TLS record: a carried connection's destination answers its opening with
+    /// the connect result, and the origin then wakes once for both instead of twice.
+    Unanswered(h2::server::SendResponse<Bytes>),
+    Open(h2::SendStream<Bytes>),
+    /// Answering failed; the error is what the stream's operations report.
+    Failed(StreamError),
+}
+
+impl H2Send {
+    /// The stream to send on, answering the peer's request first if that is still to do.
+    fn open(&mut self) -> Result<&mut h2::SendStream<Bytes>, StreamError> {
+        if let SendState::Unanswered(respond) = &mut self.state {
+            self.state = match respond.send_response(http::Response::new(()), false) {
+                Ok(send) => SendState::Open(send),
+                Err(e) => SendState::Failed(stream_error(e)),
+            };
+        }
+        match &mut self.state {
+            SendState::Open(send) => Ok(send),
+            SendState::Failed(e) => Err(e.clone()),
+            SendState::Unanswered(_) => unreachable!("answered just above"),
+        }
+    }
 }
 
 impl SendStream for H2Send {
     async fn send(&mut self, mut data: Bytes) -> Result<(), StreamError> {
+        let inner = self.open()?;
         while !data.is_empty() {
-            self.inner.reserve_capacity(data.len());
-            let granted = poll_fn(|cx| self.inner.poll_capacity(cx))
+            inner.reserve_capacity(data.len());
+            let granted = poll_fn(|cx| inner.poll_capacity(cx))
                 .await
                 .ok_or_else(|| StreamError::LinkClosed("stream closed while sending".into()))?
                 .map_err(stream_error)?;
@@ -341,19 +366,38 @@ impl SendStream for H2Send {
                 continue;
             }
             let chunk = data.split_to(granted.min(data.len()));
-            self.inner.send_data(chunk, false).map_err(stream_error)?;
+            inner.send_data(chunk, false).map_err(stream_error)?;
         }
         Ok(())
     }
 
     fn finish(&mut self) -> Result<(), StreamError> {
-        self.inner
+        if let SendState::Unanswered(respond) = &mut self.state {
+            // Nothing was sent: the answer itself ends this direction.
+            let result = respond.send_response(http::Response::new(()), true);
+            return match result {
+                Ok(send) => {
+                    self.state = SendState::Open(send);
+                    Ok(())
+                }
+                Err(e) => {
+                    let e = stream_error(e);
+                    self.state = SendState::Failed(e.clone());
+                    Err(e)
+                }
+            };
+        }
+        self.open()?
             .send_data(Bytes::new(), true)
             .map_err(stream_error)
     }
 
     fn reset(&mut self) {
-        self.inner.send_reset(h2::Reason::CANCEL);
+        match &mut self.state {
+            SendState::Unanswered(respond) => respond.send_reset(h2::Reason::CANCEL),
+            SendState::Open(send) => send.send_reset(h2::Reason::CANCEL),
+            SendState::Failed(_) => {}
+        }
     }
 
     async fn delivered(&mut self) {
@@ -460,6 +504,23 @@ mod tests {
         assert_eq!(r2.recv().await.unwrap().unwrap(), &b"partial"[..]);
         s1.reset();
         assert_eq!(r2.recv().await, Err(StreamError::Reset));
+    }
+
+    #[tokio::test]
+    async fn the_acceptor_may_finish_or_reset_before_sending_anything() {
+        let (a, b) = pair().await;
+        // The answer waits for the acceptor's first bytes; a finish or a reset answers alone.
+        let (mut s1, mut r1) = a.open().await.unwrap();
+        s1.send(Bytes::from_static(b"hello")).await.unwrap();
+        let (mut s2, _r2) = b.accept().await.unwrap();
+        s2.finish().unwrap();
+        assert_eq!(r1.recv().await.unwrap(), None, "a finish is a clean end");
+
+        let (mut s1, mut r1) = a.open().await.unwrap();
+        s1.send(Bytes::from_static(b"hello")).await.unwrap();
+        let (mut s2, _r2) = b.accept().await.unwrap();
+        s2.reset();
+        assert_eq!(r1.recv().await, Err(StreamError::Reset));
     }
 
     #[tokio::test]
