@@ -1,11 +1,12 @@
 //! The Kubernetes custom resources: group `skiff.dev`, version `v1alpha1`.
 //!
 //! Six kinds, each with a status subresource whose conditions (`Ready`, `Error`) say what is
-//! real: [`Site`], [`Link`], [`AccessGrant`], [`AccessToken`], [`Listener`], [`Connector`].
+//! real: [`Site`], [`Link`], [`AccessGrant`], [`AccessToken`](AccessTokenResource),
+//! [`Listener`], [`Connector`].
 //! Field names are camelCase. The CRD manifests are generated from these types (`skiff crd`)
 //! and committed under deploy/crds/; a test fails when they drift.
 //!
-//! [`AccessToken`]'s spec is the token file's spec ([`TokenSpec`]), so the file `skiff token
+//! [`AccessToken`](AccessTokenResource)'s spec is the token file's spec ([`TokenSpec`]), so the file `skiff token
 //! issue` writes can be applied to a cluster as is.
 
 use std::collections::BTreeMap;
@@ -102,7 +103,7 @@ pub struct SiteStatus {
     pub endpoints: Vec<String>,
 }
 
-/// A link this site dials (made by redeeming an [`AccessToken`]).
+/// A link this site dials (made by redeeming an `AccessToken`).
 #[derive(CustomResource, Clone, Debug, Serialize, Deserialize, JsonSchema, PartialEq, Eq)]
 #[kube(
     group = "skiff.dev",

@@ -4,7 +4,7 @@
 //! - Origin: a listener accepts a client, orders the sites serving its key with the listener's
 //!   strategy, and tries them in turn. For a remote site it opens a stream on the link towards
 //!   the next hop and writes the [`StreamHeader`]; while it waits for the [`ConnectResult`] it
-//!   already forwards what the client sends (up to [`EARLY_DATA`]), so a client's first request
+//!   already forwards what the client sends (up to 64 KiB), so a client's first request
 //!   travels with the stream's opening instead of a round trip later. Those bytes are kept
 //!   until the site accepts: a refusal loses nothing, the next site gets them first.
 //! - Transit: a stream whose destination is another site is relayed to the next hop, header
