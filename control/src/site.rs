@@ -31,7 +31,7 @@ use crate::model::{
 use crate::store::{Mode, Store};
 use crate::token::{AccessToken, Issuer, Metadata, Secret, TokenSpec};
 use crate::Error;
-use skiff_router::link::tls::{link_tcp, LinkTcp};
+use skiff_router::link::tls::LinkTcp;
 use skiff_router::reject::{Endpoint, Reason};
 
 /// Most token redemptions answered at once; more are refused until one finishes.
@@ -1630,7 +1630,7 @@ async fn handshake(
         }
     }
     let acceptor = rustls::server::Acceptor::default();
-    let mut hello = tokio_rustls::LazyConfigAcceptor::new(acceptor, link_tcp(tcp));
+    let mut hello = tokio_rustls::LazyConfigAcceptor::new(acceptor, LinkTcp::new(tcp));
     let start = match tokio::time::timeout_at(deadline, &mut hello).await {
         Ok(Ok(start)) => start,
         Ok(Err(e)) => {

@@ -40,9 +40,8 @@ pub(crate) struct Pending {
 }
 
 pub(crate) async fn run(inner: Arc<Inner>, mut tls: ServerTls) {
-    tls.get_mut()
-        .1
-        .set_buffer_limit(Some(super::tls::SEND_TLS_BUFFER));
+    let (io, conn) = tls.get_mut();
+    super::tls::ready_for_traffic(io, conn);
     let from = tls
         .get_ref()
         .0

@@ -346,15 +346,14 @@ async fn open_tls(
         .map_err(|e| format!("{endpoint}: {e}"))?;
     let _ = tcp.set_nodelay(true);
     let mut tls = connector
-        .connect(server_name, super::tls::link_tcp(tcp))
+        .connect(server_name, super::tls::LinkTcp::new(tcp))
         .await
         .map_err(|e| format!("{endpoint}: TLS: {e}"))?;
     let mut ack = [0u8; 1];
     match tokio::time::timeout(connect_timeout, tls.read_exact(&mut ack)).await {
         Ok(Ok(_)) if ack[0] == LINK_ACCEPTED => {
-            tls.get_mut()
-                .1
-                .set_buffer_limit(Some(super::tls::SEND_TLS_BUFFER));
+            let (io, conn) = tls.get_mut();
+            super::tls::ready_for_traffic(io, conn);
             Ok(tls)
         }
         Ok(Ok(_)) => Err(format!("{endpoint}: not a skiff link port")),

@@ -45,7 +45,8 @@ const ACCEPT_QUEUE: usize = 1024;
 /// Read buffer under TLS on a link's TCP connection. rustls reads from its socket at most what
 /// completes the record it is assembling (4 KiB when its buffer has just been emptied), so every
 /// 16 KiB record cost at least one `recvfrom`; with this buffer one call takes in up to sixteen
-/// records. It is per link connection, not per carried connection.
+/// records. It is per link connection, not per carried connection, and only once the link is
+/// up (see [`ready_for_traffic`]).
 pub const READ_BUFFER: usize = 256 * 1024;
 
 /// Most encrypted bytes rustls holds for the socket on a link connection (its default is
@@ -53,13 +54,114 @@ pub const READ_BUFFER: usize = 256 * 1024;
 /// to the socket in one `writev` instead of two.
 pub const SEND_TLS_BUFFER: usize = 256 * 1024;
 
-/// A link's TCP connection as TLS sees it: the socket with a read buffer under rustls (see
-/// [`READ_BUFFER`]). Writes pass straight through.
-pub type LinkTcp = tokio::io::BufReader<tokio::net::TcpStream>;
+/// A connection to or from the link port as TLS sees it: the socket, with a read buffer under
+/// rustls once the connection carries a link ([`ready_for_traffic`]). Until then every read
+/// goes straight to the socket, so a handshake or a token redemption (which any stranger who
+/// reaches the port can start, up to `--max-handshakes` at once) costs no buffer. tokio's
+/// `BufReader` cannot do that: its buffer is allocated when it is made, before the handshake
+/// that the stream's type is fixed by.
+pub struct LinkTcp {
+    tcp: tokio::net::TcpStream,
+    /// Empty until the link is up.
+    buf: Box<[u8]>,
+    /// `buf[pos..filled]` is read from the socket and not yet handed on.
+    pos: usize,
+    filled: usize,
+}
 
-/// Wraps a connected socket for TLS on a link (or a token redemption on the link port).
-pub fn link_tcp(tcp: tokio::net::TcpStream) -> LinkTcp {
-    tokio::io::BufReader::with_capacity(READ_BUFFER, tcp)
+impl LinkTcp {
+    /// Wraps a connected socket, unbuffered.
+    pub fn new(tcp: tokio::net::TcpStream) -> Self {
+        LinkTcp {
+            tcp,
+            buf: Box::default(),
+            pos: 0,
+            filled: 0,
+        }
+    }
+
+    /// The socket.
+    pub fn get_ref(&self) -> &tokio::net::TcpStream {
+        &self.tcp
+    }
+
+    /// The socket back; bytes read into the buffer and not handed on are dropped.
+    pub fn into_inner(self) -> tokio::net::TcpStream {
+        self.tcp
+    }
+
+    /// How many bytes the read buffer holds (0 before [`ready_for_traffic`]).
+    pub fn read_buffer_capacity(&self) -> usize {
+        self.buf.len()
+    }
+}
+
+/// Readies a link connection whose handshake is done for carried traffic: the read buffer
+/// under TLS ([`READ_BUFFER`]) and rustls' larger send buffer ([`SEND_TLS_BUFFER`]).
+pub fn ready_for_traffic<C, D>(io: &mut LinkTcp, tls: &mut C)
+where
+    C: std::ops::DerefMut<Target = rustls::ConnectionCommon<D>>,
+    D: rustls::SideData,
+{
+    if io.buf.is_empty() {
+        io.buf = vec![0; READ_BUFFER].into_boxed_slice();
+    }
+    tls.set_buffer_limit(Some(SEND_TLS_BUFFER));
+}
+
+impl AsyncRead for LinkTcp {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.pos == this.filled {
+            // Nothing buffered. A read at least as large as the buffer (and every read before
+            // the buffer exists) goes straight to the socket.
+            if this.buf.len() <= out.remaining() {
+                return Pin::new(&mut this.tcp).poll_read(cx, out);
+            }
+            let mut fill = ReadBuf::new(&mut this.buf);
+            std::task::ready!(Pin::new(&mut this.tcp).poll_read(cx, &mut fill))?;
+            this.filled = fill.filled().len();
+            this.pos = 0;
+        }
+        let n = (this.filled - this.pos).min(out.remaining());
+        out.put_slice(&this.buf[this.pos..this.pos + n]);
+        this.pos += n;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for LinkTcp {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
 }
 
 /// The half of a link on which this router is the HTTP/2 client: it opens streams here.
@@ -504,6 +606,46 @@ mod tests {
         assert_eq!(r2.recv().await.unwrap().unwrap(), &b"partial"[..]);
         s1.reset();
         assert_eq!(r2.recv().await, Err(StreamError::Reset));
+    }
+
+    #[tokio::test]
+    async fn link_connections_buffer_reads_only_once_ready_for_traffic() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (peer, accepted) =
+            tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+        let (mut peer, mut io) = (peer.unwrap(), LinkTcp::new(accepted.unwrap().0));
+        // A handshake, or anything a stranger starts on the link port, costs no buffer.
+        assert_eq!(io.read_buffer_capacity(), 0);
+        peer.write_all(b"hello").await.unwrap();
+        let mut small = [0u8; 5];
+        io.read_exact(&mut small).await.unwrap();
+        assert_eq!(&small, b"hello");
+
+        let client = rustls::ClientConfig::builder_with_provider(skiff_certs::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        let name = rustls::pki_types::ServerName::try_from("skiff").unwrap();
+        let mut conn = rustls::ClientConnection::new(Arc::new(client), name).unwrap();
+        ready_for_traffic(&mut io, &mut conn);
+        assert_eq!(io.read_buffer_capacity(), READ_BUFFER);
+        // Reads smaller than the buffer see every byte, in order, across many socket reads.
+        let sent: Vec<u8> = (0..3 * READ_BUFFER).map(|i| (i % 251) as u8).collect();
+        let writer = {
+            let sent = sent.clone();
+            tokio::spawn(async move { peer.write_all(&sent).await.unwrap() })
+        };
+        let mut got = vec![0u8; sent.len()];
+        for piece in got.chunks_mut(4096 + 7) {
+            io.read_exact(piece).await.unwrap();
+        }
+        writer.await.unwrap();
+        assert_eq!(got, sent);
+        // The peer's end is an end here too.
+        assert_eq!(io.read(&mut small).await.unwrap(), 0);
     }
 
     #[tokio::test]
