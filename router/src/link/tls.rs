@@ -439,10 +439,11 @@ enum SendState {
 }
 
 impl H2Send {
-    /// The stream to send on, answering the peer's request first if that is still to do.
-    fn open(&mut self) -> Result<&mut h2::SendStream<Bytes>, StreamError> {
+    /// The stream to send on, answering the peer's request first if that is still to do
+    /// (with `end_of_stream`, the answer also ends this direction).
+    fn answer(&mut self, end_of_stream: bool) -> Result<&mut h2::SendStream<Bytes>, StreamError> {
         if let SendState::Unanswered(respond) = &mut self.state {
-            self.state = match respond.send_response(http::Response::new(()), false) {
+            self.state = match respond.send_response(http::Response::new(()), end_of_stream) {
                 Ok(send) => SendState::Open(send),
                 Err(e) => SendState::Failed(stream_error(e)),
             };
@@ -457,7 +458,7 @@ impl H2Send {
 
 impl SendStream for H2Send {
     async fn send(&mut self, mut data: Bytes) -> Result<(), StreamError> {
-        let inner = self.open()?;
+        let inner = self.answer(false)?;
         while !data.is_empty() {
             inner.reserve_capacity(data.len());
             let granted = poll_fn(|cx| inner.poll_capacity(cx))
@@ -474,22 +475,11 @@ impl SendStream for H2Send {
     }
 
     fn finish(&mut self) -> Result<(), StreamError> {
-        if let SendState::Unanswered(respond) = &mut self.state {
+        if matches!(self.state, SendState::Unanswered(_)) {
             // Nothing was sent: the answer itself ends this direction.
-            let result = respond.send_response(http::Response::new(()), true);
-            return match result {
-                Ok(send) => {
-                    self.state = SendState::Open(send);
-                    Ok(())
-                }
-                Err(e) => {
-                    let e = stream_error(e);
-                    self.state = SendState::Failed(e.clone());
-                    Err(e)
-                }
-            };
+            return self.answer(true).map(|_| ());
         }
-        self.open()?
+        self.answer(false)?
             .send_data(Bytes::new(), true)
             .map_err(stream_error)
     }
