@@ -6,8 +6,8 @@
 //! Field names are camelCase. The CRD manifests are generated from these types (`skiff crd`)
 //! and committed under deploy/crds/; a test fails when they drift.
 //!
-//! [`AccessToken`](AccessTokenResource)'s spec is the token file's spec ([`TokenSpec`]), so the file `skiff token
-//! issue` writes can be applied to a cluster as is.
+//! [`AccessToken`](AccessTokenResource)'s spec is the token file's spec ([`TokenSpec`]), so the
+//! file `skiff token issue` writes can be applied to a cluster as is.
 
 use std::collections::BTreeMap;
 
