@@ -94,6 +94,8 @@ pub(crate) async fn run_listener(
     cancel: CancellationToken,
 ) {
     let config = Arc::new(config);
+    // The key's series are the same for every client: looked up once, not per connection.
+    let series = Arc::new(KeySeries::new(&inner.metrics, &config.routing_key));
     loop {
         let (client, from) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -110,9 +112,37 @@ pub(crate) async fn run_listener(
         let _ = client.set_nodelay(true);
         let id = inner.next_connection.fetch_add(1, Ordering::Relaxed);
         let span = tracing::debug_span!("conn", id, key = %config.routing_key, %from);
-        inner
-            .carried
-            .spawn(origin(inner.clone(), config.clone(), client, from, id).instrument(span));
+        inner.carried.spawn(
+            origin(
+                inner.clone(),
+                config.clone(),
+                series.clone(),
+                client,
+                from,
+                id,
+            )
+            .instrument(span),
+        );
+    }
+}
+
+/// A listener's metric series for its routing key.
+struct KeySeries {
+    active: prometheus_client::metrics::gauge::Gauge,
+    to_target: prometheus_client::metrics::counter::Counter,
+    to_client: prometheus_client::metrics::counter::Counter,
+}
+
+impl KeySeries {
+    fn new(metrics: &crate::metrics::Metrics, key: &str) -> Self {
+        let (to_target, to_client) = metrics.service_bytes(key);
+        KeySeries {
+            active: metrics.active.get_or_create_owned(&KeyLabels {
+                routing_key: key.to_string(),
+            }),
+            to_target,
+            to_client,
+        }
     }
 }
 
@@ -120,6 +150,7 @@ pub(crate) async fn run_listener(
 async fn origin(
     inner: Arc<Inner>,
     config: Arc<ListenerConfig>,
+    series: Arc<KeySeries>,
     client: TcpStream,
     from: SocketAddr,
     id: u64,
@@ -127,12 +158,9 @@ async fn origin(
     let started = Instant::now();
     let key = &config.routing_key;
     let metrics = &inner.metrics;
-    let active = metrics.active.get_or_create_owned(&KeyLabels {
-        routing_key: key.clone(),
-    });
-    active.inc();
-    let _active = scopeguard(move || {
-        active.dec();
+    series.active.inc();
+    let _active = scopeguard(|| {
+        series.active.dec();
     });
     let table = inner.table();
     let targets = table.targets(key);
@@ -154,7 +182,7 @@ async fn origin(
     let turn = inner.turn.fetch_add(1, Ordering::Relaxed);
     let order = balance::order(config.strategy, &candidates, Some(from.ip()), turn);
     let own = inner.config.site_id;
-    let (to_target, to_client) = metrics.service_bytes(key);
+    let (to_target, to_client) = (&series.to_target, &series.to_client);
     let mut early = Early::default();
     let mut client = client;
     for index in order {

@@ -11,12 +11,14 @@
 //! Memory per connection is bounded: one read buffer per direction, and the transport's flow
 //! control stops a sender whose reader is slow.
 
-use std::future::Future;
-use std::pin::pin;
+use std::cell::RefCell;
+use std::future::{poll_fn, Future};
+use std::pin::{pin, Pin};
+use std::task::{ready, Poll};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
@@ -290,27 +292,101 @@ async fn copy_tcp(
 /// Below this, a chunk read is copied out of the read buffer instead of keeping it.
 const SMALL_CHUNK: usize = 4096;
 
-/// Reads what `from` has, up to [`READ_CHUNK`]; `None` at its end. The buffer is taken only
-/// once data is there: an idle connection holds none. (Each of 10,000 idle connections held a
-/// 64 KiB buffer before, and the allocator kept most of that memory after they closed.)
+thread_local! {
+    /// Where reads from carried connections land: one buffer per runtime thread, not per
+    /// connection, so an idle connection holds none. A small read is copied out and the buffer
+    /// is reused; a large one takes the buffer with it (no copy) and the next read allocates
+    /// another. Request/response traffic thus allocates only the bytes it carries, where a
+    /// fresh 128 KiB buffer per read cost a large allocation and free for every message.
+    static READ_BUFFER: RefCell<BytesMut> = RefCell::new(BytesMut::new());
+}
+
+/// Reads what `from` has, up to [`READ_CHUNK`]; `None` at its end (see [`READ_BUFFER`] for
+/// where the bytes land).
 ///
 /// The read itself goes through `poll_read`, not `try_read`: a read that returns less than
 /// asked tells tokio the socket is drained, where `try_read` leaves it marked readable, so the
 /// next call made one more `recvfrom` only to get `EAGAIN` — a wasted system call per message
 /// in request/response traffic.
 async fn read_chunk(from: &mut tokio::net::tcp::ReadHalf<'_>) -> std::io::Result<Option<Bytes>> {
-    from.readable().await?;
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
-    match from.read_buf(&mut buf).await? {
-        0 => Ok(None),
-        // A small chunk would keep the whole buffer alive while it waits to be sent.
-        n if n < SMALL_CHUNK => Ok(Some(Bytes::copy_from_slice(&buf))),
-        _ => Ok(Some(buf.freeze())),
-    }
+    poll_fn(|cx| {
+        READ_BUFFER.with_borrow_mut(|buf| {
+            if buf.capacity() < READ_CHUNK {
+                buf.reserve(READ_CHUNK);
+            }
+            // At most READ_CHUNK, whatever the allocator rounded the capacity up to.
+            let room = &mut (&mut *buf).limit(READ_CHUNK);
+            let n = ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut *from),
+                cx,
+                room
+            ))?;
+            let chunk = match n {
+                0 => None,
+                n if n < SMALL_CHUNK => {
+                    let small = Bytes::copy_from_slice(buf);
+                    buf.clear();
+                    Some(small)
+                }
+                _ => Some(std::mem::take(buf).freeze()),
+            };
+            Poll::Ready(Ok(chunk))
+        })
+    })
+    .await
 }
 
 /// Closes a TCP connection with RST instead of FIN.
 pub(crate) fn abort_tcp(tcp: TcpStream) {
     let _ = tcp.set_zero_linger();
     drop(tcp);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    async fn connected() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (dialed, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (dialed.unwrap(), accepted.unwrap().0)
+    }
+
+    #[tokio::test]
+    async fn small_reads_reuse_the_read_buffer_and_large_ones_take_it_whole() {
+        let (mut writer, mut reader) = connected().await;
+        let (mut from, _) = reader.split();
+
+        writer.write_all(&[7; 64]).await.unwrap();
+        let mut small = Vec::new();
+        while small.len() < 64 {
+            small.extend_from_slice(&read_chunk(&mut from).await.unwrap().unwrap());
+        }
+        assert_eq!(small, [7; 64]);
+        // The bytes were copied out; the buffer stays with the thread, empty, for the next read.
+        let (len, capacity) = READ_BUFFER.with_borrow(|b| (b.len(), b.capacity()));
+        assert_eq!(len, 0);
+        assert!(capacity >= READ_CHUNK);
+
+        let total = 4 * READ_CHUNK;
+        let sending = tokio::spawn(async move {
+            writer.write_all(&vec![9; total]).await.unwrap();
+            writer.shutdown().await.unwrap();
+            writer
+        });
+        let mut received = 0;
+        while let Some(chunk) = read_chunk(&mut from).await.unwrap() {
+            assert!(chunk.len() <= READ_CHUNK, "a read is at most READ_CHUNK");
+            assert!(chunk.iter().all(|&b| b == 9));
+            if chunk.len() >= SMALL_CHUNK {
+                // Handed on without a copy: the thread's buffer went with the chunk.
+                assert_eq!(READ_BUFFER.with_borrow(|b| b.capacity()), 0);
+            }
+            received += chunk.len();
+        }
+        assert_eq!(received, total);
+        drop(sending.await.unwrap());
+    }
 }
