@@ -19,9 +19,15 @@
 //! connections, plus the CPU time the tunnel processes spend. The results are printed as one
 //! Markdown table with ratios and written to `bench-results.json` at the workspace root.
 //!
-//! Missing tools (iperf3, stunnel4, haproxy, openssl) are installed with apt-get when running as
-//! root; otherwise the rows that need them are left empty. `cargo test` runs bench targets
-//! without `--bench`; this one then returns at once.
+//! Last, the skiff TLS route runs again with both sites under callgrind, which counts the
+//! instructions each router executes in user space per carried connection and per 64-byte
+//! round trip. Those counts repeat within a few per cent, where times on a shared VM drift by
+//! more than that over minutes, so they show what a change to skiff's own code did (the
+//! kernel's share is not in them). `SKIFF_E2E_ROUTES` calls this `skiff-TLS-instructions`.
+//!
+//! Missing tools (iperf3, stunnel4, haproxy, openssl, valgrind) are installed with apt-get when
+//! running as root; otherwise the rows that need them are left empty. `cargo test` runs bench
+//! targets without `--bench`; this one then returns at once.
 //!
 //! The machine may be shared: each timed measurement records the CPU other processes used
 //! meanwhile and is repeated (bounded) when that was above 0.1 cores. `SKIFF_E2E_ROUTES` picks
@@ -91,6 +97,8 @@ const SKIFF_TLS: &str = "skiff TLS";
 const SKIFF_QUIC: &str = "skiff QUIC";
 const SKIFF_TLS_2HOP: &str = "skiff TLS 2-hop";
 const SKIFF_QUIC_2HOP: &str = "skiff QUIC 2-hop";
+/// Not a route of the table: the skiff TLS route run again under callgrind.
+const INSTRUCTIONS: &str = "skiff TLS instructions";
 const PEERS: [&str; 3] = [STUNNEL, HAPROXY_TLS, HAPROXY_PLAIN];
 const COLUMNS: [&str; 6] = [
     DIRECT,
@@ -408,6 +416,8 @@ struct Tools {
     stunnel: Option<String>,
     haproxy: Option<String>,
     openssl: Option<String>,
+    /// valgrind, for the instruction counts (its package also has `callgrind_control`).
+    valgrind: Option<String>,
 }
 
 fn find_program(names: &[&str]) -> Option<String> {
@@ -432,6 +442,8 @@ impl Tools {
             stunnel: find_program(&["stunnel4", "stunnel"]),
             haproxy: find_program(&["haproxy"]),
             openssl: find_program(&["openssl"]),
+            valgrind: find_program(&["valgrind"])
+                .filter(|_| find_program(&["callgrind_control"]).is_some()),
         }
     }
 
@@ -448,6 +460,9 @@ impl Tools {
         }
         if self.openssl.is_none() {
             missing.push("openssl");
+        }
+        if self.valgrind.is_none() {
+            missing.push("valgrind");
         }
         missing
     }
@@ -1157,7 +1172,12 @@ fn skiff_cli(state: &Path, args: &[&str]) -> Result<String> {
 }
 
 /// A skiff site: init, then `site run` as its own process.
-fn skiff_site(lab: &mut Lab, dir: &Path, name: &str) -> Result<(PathBuf, Proc)> {
+fn skiff_site(
+    lab: &mut Lab,
+    dir: &Path,
+    name: &str,
+    callgrind: Option<&str>,
+) -> Result<(PathBuf, Proc)> {
     let port = lab.ports.take()?;
     let state = dir.join(name);
     skiff_cli(
@@ -1183,15 +1203,26 @@ fn skiff_site(lab: &mut Lab, dir: &Path, name: &str) -> Result<(PathBuf, Proc)> 
     .map(|s| s.to_string())
     .collect();
     let log = dir.join(format!("{name}.log"));
-    let mut proc = Proc::spawn(
-        &format!("skiff site {name}"),
-        &log,
-        env!("CARGO_BIN_EXE_skiff"),
-        &args,
-    )?;
+    let (program, args) = match callgrind {
+        // Counting starts only when asked (`callgrind_control -i on`): start-up and link set-up
+        // stay out of the figures.
+        Some(valgrind) => {
+            let out = dir.join(format!("{name}.callgrind"));
+            let mut wrapped = vec![
+                "--tool=callgrind".to_string(),
+                "--instr-atstart=no".to_string(),
+                format!("--callgrind-out-file={}.%p", out.display()),
+                env!("CARGO_BIN_EXE_skiff").to_string(),
+            ];
+            wrapped.extend(args);
+            (valgrind.to_string(), wrapped)
+        }
+        None => (env!("CARGO_BIN_EXE_skiff").to_string(), args),
+    };
+    let mut proc = Proc::spawn(&format!("skiff site {name}"), &log, &program, &args)?;
     wait_until(
         &format!("site {name} to answer"),
-        Duration::from_secs(15),
+        Duration::from_secs(if callgrind.is_some() { 120 } else { 15 }),
         || {
             proc.check_alive()?;
             Ok(skiff_cli(&state, &["status", "-o", "json"]).is_ok())
@@ -1203,11 +1234,22 @@ fn skiff_site(lab: &mut Lab, dir: &Path, name: &str) -> Result<(PathBuf, Proc)> 
 /// Sites linked in a chain (each dials the next, which issued the token); listeners in the
 /// first, connectors in the last.
 fn skiff(lab: &mut Lab, label: &'static str, transport: &str, names: &[&str]) -> Result<Route> {
+    skiff_route(lab, label, transport, names, None)
+}
+
+/// [`skiff`], with each site's process run under callgrind when `callgrind` names valgrind.
+fn skiff_route(
+    lab: &mut Lab,
+    label: &'static str,
+    transport: &str,
+    names: &[&str],
+    callgrind: Option<&str>,
+) -> Result<Route> {
     let dir = lab.sub(label)?;
     let mut states = Vec::new();
     let mut procs = Vec::new();
     for name in names {
-        let (state, proc) = skiff_site(lab, &dir, name)?;
+        let (state, proc) = skiff_site(lab, &dir, name, callgrind)?;
         states.push(state);
         procs.push(proc);
     }
@@ -1468,6 +1510,107 @@ fn latency(lab: &Lab, route: &Route) -> Result<Latency> {
     lab.rt
         .block_on(async { tokio::time::timeout(Duration::from_secs(60), ping_pong(addr)).await })
         .map_err(|_| anyhow!("latency run did not finish within 60 s"))?
+}
+
+/// Connections and round trips counted under callgrind.
+const COUNTED: usize = 1_000;
+
+/// Instructions the two routers of a one-hop TLS route execute in user space, per operation,
+/// counted by callgrind: unlike times on a shared VM, these repeat within a few per cent from
+/// run to run, so they show what a change to skiff's own code did. The kernel's share (system
+/// calls, loopback TCP, wake-ups) is not in them.
+#[derive(Debug, Clone, Serialize)]
+struct Instructions {
+    /// Per carried connection (connect, 64-byte request and response, close), one at a time.
+    listener_side_per_connection: u64,
+    connector_side_per_connection: u64,
+    /// Per 64-byte round trip on one connection.
+    listener_side_per_round_trip: u64,
+    connector_side_per_round_trip: u64,
+}
+
+/// Runs the skiff TLS route's two sites under callgrind and counts their instructions over
+/// [`COUNTED`] connections, then [`COUNTED`] round trips.
+fn instructions(lab: &mut Lab, valgrind: &str) -> Result<Instructions> {
+    let route = skiff_route(
+        lab,
+        "skiff TLS under callgrind",
+        "tls",
+        &["dev", "stg"],
+        Some(valgrind),
+    )?;
+    let dir = lab.sub("skiff TLS under callgrind")?;
+    let addr: SocketAddr = ([127, 0, 0, 1], route.echo).into();
+    let pids = [route.client_side, route.server_side].map(|p| p.unwrap_or(0));
+    lab.rt.block_on(ready(addr, Duration::from_secs(60)))?;
+    // Warm up: first connections fill the allocator's caches and h2's tables.
+    lab.rt.block_on(async {
+        for _ in 0..100 {
+            exchange(addr).await?;
+        }
+        anyhow::Ok(())
+    })?;
+    let control = |args: &[&str]| -> Result<()> {
+        let out = run_bounded("callgrind_control", args, Duration::from_secs(60))?;
+        if !out.ok {
+            bail!(
+                "callgrind_control {}: {}{}",
+                args.join(" "),
+                out.stdout,
+                out.stderr
+            );
+        }
+        Ok(())
+    };
+    // Each dump holds what was counted since the one before (or since counting started).
+    let dump = |part: usize| -> Result<[u64; 2]> {
+        let mut counts = [0; 2];
+        for (i, pid) in pids.iter().enumerate() {
+            control(&["-d", &pid.to_string()])?;
+            let name = if i == 0 { "dev" } else { "stg" };
+            let file = dir.join(format!("{name}.callgrind.{pid}.{part}"));
+            let mut summary = None;
+            wait_until("callgrind's dump", Duration::from_secs(30), || {
+                summary = fs::read_to_string(&file).ok().and_then(|text| {
+                    text.lines()
+                        .find_map(|l| l.strip_prefix("summary:"))
+                        .and_then(|n| n.trim().parse::<u64>().ok())
+                });
+                Ok(summary.is_some())
+            })?;
+            counts[i] = summary.unwrap_or(0);
+        }
+        Ok(counts)
+    };
+    for pid in pids {
+        control(&["-i", "on", &pid.to_string()])?;
+    }
+    lab.rt.block_on(async {
+        for _ in 0..COUNTED {
+            exchange(addr).await?;
+        }
+        anyhow::Ok(())
+    })?;
+    let connections = dump(1)?;
+    lab.rt.block_on(async {
+        let mut stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (request, mut response) = ([0xa5u8; MESSAGE], [0u8; MESSAGE]);
+        for _ in 0..COUNTED {
+            stream.write_all(&request).await?;
+            stream.read_exact(&mut response).await?;
+        }
+        anyhow::Ok(())
+    })?;
+    let round_trips = dump(2)?;
+    drop(route);
+    let per = |n: u64| n / COUNTED as u64;
+    Ok(Instructions {
+        listener_side_per_connection: per(connections[0]),
+        connector_side_per_connection: per(connections[1]),
+        listener_side_per_round_trip: per(round_trips[0]),
+        connector_side_per_round_trip: per(round_trips[1]),
+    })
 }
 
 /// Records a measurement's result, or its error.
@@ -2152,6 +2295,22 @@ fn run() -> Result<()> {
         std::thread::sleep(Duration::from_secs(1));
     }
 
+    let counted = match (&tools.valgrind, wanted(INSTRUCTIONS)) {
+        (Some(valgrind), true) => {
+            eprintln!(
+                "[{:>3.0} s] {INSTRUCTIONS}",
+                started.elapsed().as_secs_f64()
+            );
+            let counted = instructions(&mut lab, valgrind);
+            if let Err(e) = &counted {
+                eprintln!("  FAILED {INSTRUCTIONS}: {e:#}");
+            }
+            counted.map_err(|e| format!("{e:#}"))
+        }
+        (None, true) => Err("valgrind is not installed".to_string()),
+        (_, false) => Err("not selected".to_string()),
+    };
+
     let rows = build_rows(&results);
     let table = table(&rows);
     let targets = targets(&results);
@@ -2197,6 +2356,18 @@ fn run() -> Result<()> {
             held.join(", ")
         );
     }
+    match &counted {
+        Ok(i) => println!(
+            "user-space instructions (callgrind, skiff TLS, {COUNTED} of each): per connection \
+             {} listener side, {} connector side; per 64-byte round trip {} listener side, {} \
+             connector side",
+            i.listener_side_per_connection,
+            i.connector_side_per_connection,
+            i.listener_side_per_round_trip,
+            i.connector_side_per_round_trip
+        ),
+        Err(e) => println!("user-space instructions: not counted ({e})"),
+    }
     for t in &targets {
         println!(
             "target {:<42} {:<5} {:>8} (goal {}) {}",
@@ -2239,6 +2410,10 @@ fn run() -> Result<()> {
             "stunnel": version_of(&tools.stunnel, &["-version"]),
             "haproxy": version_of(&tools.haproxy, &["-v"]),
             "openssl": version_of(&tools.openssl, &["version"]),
+        },
+        "instructions": match &counted {
+            Ok(i) => serde_json::to_value(i)?,
+            Err(e) => json!({ "error": e }),
         },
         "settings": {
             "throughput_seconds": THROUGHPUT_SECS,
