@@ -24,7 +24,7 @@ pub struct Args {
     pub state_dir: Option<PathBuf>,
 
     /// Log filter (tracing's env-filter syntax, e.g. `info` or `skiff_router=debug`); the
-    /// `RUST_LOG` variable wins if set.
+    /// `RUST_LOG` variable wins if set. Release builds log at most `debug`.
     #[arg(long, global = true, value_name = "FILTER")]
     pub log: Option<String>,
 
