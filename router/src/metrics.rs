@@ -235,6 +235,19 @@ impl Metrics {
         (get("to_target"), get("to_client"))
     }
 
+    /// The series a listener for `key` updates for every client, looked up once per listener
+    /// rather than per connection (building and hashing the labels is most of a lookup).
+    pub(crate) fn key_series(&self, key: &str) -> KeySeries {
+        let (to_target, to_client) = self.service_bytes(key);
+        KeySeries {
+            active: self.active.get_or_create_owned(&KeyLabels {
+                routing_key: key.to_string(),
+            }),
+            to_target,
+            to_client,
+        }
+    }
+
     /// Counts a failed connect attempt.
     pub(crate) fn connect_error(&self, key: &str, reason: &str) {
         self.connect_errors
@@ -267,6 +280,13 @@ impl Metrics {
         }
         *known = now;
     }
+}
+
+/// A routing key's carried-connection series: connections open, and bytes each way.
+pub(crate) struct KeySeries {
+    pub(crate) active: Gauge,
+    pub(crate) to_target: Counter,
+    pub(crate) to_client: Counter,
 }
 
 /// Adds to a pair of byte counters as chunks pass; `None` counts nothing.

@@ -28,7 +28,7 @@ use uuid::Uuid;
 
 use crate::link::transport::{RecvStream, SendStream, Transport};
 use crate::link::{AnyRecv, AnySend};
-use crate::metrics::{KeyLabels, PeerLabels, Tally, TargetLabels};
+use crate::metrics::{KeySeries, PeerLabels, Tally, TargetLabels};
 use crate::proto::balance::{self, Candidate, Strategy};
 use crate::proto::stream::{ConnectResult, ConnectStatus, StreamHeader, DEFAULT_TTL};
 use crate::proto::StreamKind;
@@ -95,7 +95,7 @@ pub(crate) async fn run_listener(
 ) {
     let config = Arc::new(config);
     // The key's series are the same for every client: looked up once, not per connection.
-    let series = Arc::new(KeySeries::new(&inner.metrics, &config.routing_key));
+    let series = Arc::new(inner.metrics.key_series(&config.routing_key));
     loop {
         let (client, from) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -123,26 +123,6 @@ pub(crate) async fn run_listener(
             )
             .instrument(span),
         );
-    }
-}
-
-/// A listener's metric series for its routing key.
-struct KeySeries {
-    active: prometheus_client::metrics::gauge::Gauge,
-    to_target: prometheus_client::metrics::counter::Counter,
-    to_client: prometheus_client::metrics::counter::Counter,
-}
-
-impl KeySeries {
-    fn new(metrics: &crate::metrics::Metrics, key: &str) -> Self {
-        let (to_target, to_client) = metrics.service_bytes(key);
-        KeySeries {
-            active: metrics.active.get_or_create_owned(&KeyLabels {
-                routing_key: key.to_string(),
-            }),
-            to_target,
-            to_client,
-        }
     }
 }
 

@@ -8,8 +8,9 @@
 //! fires), every splice aborts the same way: a stopping router resets what it still carries
 //! rather than letting process exit close the sockets with a FIN.
 //!
-//! Memory per connection is bounded: one read buffer per direction, and the transport's flow
-//! control stops a sender whose reader is slow.
+//! Memory per connection is bounded: reads land in one buffer per thread (see `READ_BUFFER`),
+//! so a connection holds at most the chunk it is passing on in each direction, and the
+//! transport's flow control stops a sender whose reader is slow.
 
 use std::cell::RefCell;
 use std::future::{poll_fn, Future};
