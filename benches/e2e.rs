@@ -1532,24 +1532,24 @@ struct Instructions {
 /// Runs the skiff TLS route's two sites under callgrind and counts their instructions over
 /// [`COUNTED`] connections, then [`COUNTED`] round trips.
 fn instructions(lab: &mut Lab, valgrind: &str) -> Result<Instructions> {
-    let route = skiff_route(
-        lab,
-        "skiff TLS under callgrind",
-        "tls",
-        &["dev", "stg"],
-        Some(valgrind),
-    )?;
-    let dir = lab.sub("skiff TLS under callgrind")?;
+    const LABEL: &str = "skiff TLS under callgrind";
+    let sites = ["dev", "stg"];
+    let route = skiff_route(lab, LABEL, "tls", &sites, Some(valgrind))?;
+    let dir = lab.sub(LABEL)?;
     let addr: SocketAddr = ([127, 0, 0, 1], route.echo).into();
-    let pids = [route.client_side, route.server_side].map(|p| p.unwrap_or(0));
-    lab.rt.block_on(ready(addr, Duration::from_secs(60)))?;
-    // Warm up: first connections fill the allocator's caches and h2's tables.
-    lab.rt.block_on(async {
-        for _ in 0..100 {
+    let (Some(listener_side), Some(connector_side)) = (route.client_side, route.server_side) else {
+        bail!("no site processes");
+    };
+    let pids = [listener_side, connector_side];
+    let exchanges = |n: usize| async move {
+        for _ in 0..n {
             exchange(addr).await?;
         }
         anyhow::Ok(())
-    })?;
+    };
+    lab.rt.block_on(ready(addr, Duration::from_secs(60)))?;
+    // Warm up: first connections fill the allocator's caches and h2's tables.
+    lab.rt.block_on(exchanges(100))?;
     let control = |args: &[&str]| -> Result<()> {
         let out = run_bounded("callgrind_control", args, Duration::from_secs(60))?;
         if !out.ok {
@@ -1565,9 +1565,8 @@ fn instructions(lab: &mut Lab, valgrind: &str) -> Result<Instructions> {
     // Each dump holds what was counted since the one before (or since counting started).
     let dump = |part: usize| -> Result<[u64; 2]> {
         let mut counts = [0; 2];
-        for (i, pid) in pids.iter().enumerate() {
+        for (i, (pid, name)) in pids.iter().zip(sites).enumerate() {
             control(&["-d", &pid.to_string()])?;
-            let name = if i == 0 { "dev" } else { "stg" };
             let file = dir.join(format!("{name}.callgrind.{pid}.{part}"));
             let mut summary = None;
             wait_until("callgrind's dump", Duration::from_secs(30), || {
@@ -1585,12 +1584,7 @@ fn instructions(lab: &mut Lab, valgrind: &str) -> Result<Instructions> {
     for pid in pids {
         control(&["-i", "on", &pid.to_string()])?;
     }
-    lab.rt.block_on(async {
-        for _ in 0..COUNTED {
-            exchange(addr).await?;
-        }
-        anyhow::Ok(())
-    })?;
+    lab.rt.block_on(exchanges(COUNTED))?;
     let connections = dump(1)?;
     lab.rt.block_on(async {
         let mut stream = TcpStream::connect(addr).await?;
