@@ -11,7 +11,9 @@
 //! - `skiff TLS` / `skiff QUIC`: two skiff sites (separate processes), listener in one,
 //!   connectors in the other, linked over TLS (HTTP/2) or QUIC;
 //! - `skiff TLS 2-hop` / `skiff QUIC 2-hop`: three sites dev → stg → prod, listener in dev,
-//!   connectors in prod.
+//!   connectors in prod;
+//! - `skiff TLS busy-poll` / `skiff QUIC busy-poll`: the one-hop routes with both sites run
+//!   with `--threads 1 --busy-poll 200us`, which trades CPU time for latency.
 //!
 //! Measured per route: bulk throughput with 1 and 8 streams (iperf3), connection rate (connect,
 //! 64-byte request and response, close), round-trip latency of 64-byte messages on one
@@ -97,6 +99,10 @@ const SKIFF_TLS: &str = "skiff TLS";
 const SKIFF_QUIC: &str = "skiff QUIC";
 const SKIFF_TLS_2HOP: &str = "skiff TLS 2-hop";
 const SKIFF_QUIC_2HOP: &str = "skiff QUIC 2-hop";
+const SKIFF_TLS_BUSY: &str = "skiff TLS busy-poll";
+const SKIFF_QUIC_BUSY: &str = "skiff QUIC busy-poll";
+/// What the busy-poll routes add to `site run`.
+const BUSY_POLL_ARGS: [&str; 4] = ["--threads", "1", "--busy-poll", "200us"];
 /// Not a route of the table: the skiff TLS route run again under callgrind.
 const INSTRUCTIONS: &str = "skiff TLS instructions";
 const PEERS: [&str; 3] = [STUNNEL, HAPROXY_TLS, HAPROXY_PLAIN];
@@ -1176,6 +1182,7 @@ fn skiff_site(
     lab: &mut Lab,
     dir: &Path,
     name: &str,
+    run_args: &[&str],
     callgrind: Option<&str>,
 ) -> Result<(PathBuf, Proc)> {
     let port = lab.ports.take()?;
@@ -1200,6 +1207,7 @@ fn skiff_site(
         "--no-access-log",
     ]
     .iter()
+    .chain(run_args)
     .map(|s| s.to_string())
     .collect();
     let log = dir.join(format!("{name}.log"));
@@ -1234,22 +1242,24 @@ fn skiff_site(
 /// Sites linked in a chain (each dials the next, which issued the token); listeners in the
 /// first, connectors in the last.
 fn skiff(lab: &mut Lab, label: &'static str, transport: &str, names: &[&str]) -> Result<Route> {
-    skiff_route(lab, label, transport, names, None)
+    skiff_route(lab, label, transport, names, &[], None)
 }
 
-/// [`skiff`], with each site's process run under callgrind when `callgrind` names valgrind.
+/// [`skiff`], with `run_args` added to each `site run`, and each site's process run under
+/// callgrind when `callgrind` names valgrind.
 fn skiff_route(
     lab: &mut Lab,
     label: &'static str,
     transport: &str,
     names: &[&str],
+    run_args: &[&str],
     callgrind: Option<&str>,
 ) -> Result<Route> {
     let dir = lab.sub(label)?;
     let mut states = Vec::new();
     let mut procs = Vec::new();
     for name in names {
-        let (state, proc) = skiff_site(lab, &dir, name, callgrind)?;
+        let (state, proc) = skiff_site(lab, &dir, name, run_args, callgrind)?;
         states.push(state);
         procs.push(proc);
     }
@@ -1534,7 +1544,7 @@ struct Instructions {
 fn instructions(lab: &mut Lab, valgrind: &str) -> Result<Instructions> {
     const LABEL: &str = "skiff TLS under callgrind";
     let sites = ["dev", "stg"];
-    let route = skiff_route(lab, LABEL, "tls", &sites, Some(valgrind))?;
+    let route = skiff_route(lab, LABEL, "tls", &sites, &[], Some(valgrind))?;
     let dir = lab.sub(LABEL)?;
     let addr: SocketAddr = ([127, 0, 0, 1], route.echo).into();
     let (Some(listener_side), Some(connector_side)) = (route.client_side, route.server_side) else {
@@ -1947,8 +1957,10 @@ fn build_rows(results: &[Measured]) -> Vec<Row> {
             |m| m.memory.as_ref().map(|x| x.server_side_kib_per_connection),
         ),
     ];
-    // Two hops: skiff columns only; ratios against the one-hop row's direct and peers.
-    let two_hop = |label: &str,
+    // Variants of the skiff routes (two hops, busy-polling): skiff columns only; ratios
+    // against the one-hop row's direct and peers.
+    let variant = |[tls, quic]: [&str; 2],
+                   label: &str,
                    higher: bool,
                    decimals: usize,
                    one_hop: usize,
@@ -1961,14 +1973,67 @@ fn build_rows(results: &[Measured]) -> Vec<Row> {
                 None,
                 None,
                 None,
-                find(SKIFF_TLS_2HOP).and_then(get),
-                find(SKIFF_QUIC_2HOP).and_then(get),
+                find(tls).and_then(get),
+                find(quic).and_then(get),
             ],
             reference: Some(base.reference()),
             higher_is_better: higher,
             decimals,
         }
     };
+    let two_hop = |label: &str,
+                   higher: bool,
+                   decimals: usize,
+                   one_hop: usize,
+                   get: &dyn Fn(&Measured) -> Option<f64>| {
+        variant(
+            [SKIFF_TLS_2HOP, SKIFF_QUIC_2HOP],
+            label,
+            higher,
+            decimals,
+            one_hop,
+            get,
+        )
+    };
+    let busy = |label: &str,
+                higher: bool,
+                decimals: usize,
+                one_hop: usize,
+                get: &dyn Fn(&Measured) -> Option<f64>| {
+        variant(
+            [SKIFF_TLS_BUSY, SKIFF_QUIC_BUSY],
+            label,
+            higher,
+            decimals,
+            one_hop,
+            get,
+        )
+    };
+    let busy_rows = [
+        busy(
+            "busy-poll: throughput, 1 stream (Gbit/s) ↑",
+            true,
+            2,
+            0,
+            &|m| m.throughput_1.as_ref().map(|t| t.gbit_per_s),
+        ),
+        busy("busy-poll: connections per second ↑", true, 0, 4, &|m| {
+            m.rate.as_ref().map(|r| r.per_second)
+        }),
+        busy(
+            "busy-poll: tunnel CPU per connection (µs) ↓",
+            false,
+            0,
+            5,
+            &|m| m.rate.as_ref().and_then(|r| r.tunnel_cpu_us_per_connection),
+        ),
+        busy("busy-poll: RTT p50 (µs) ↓", false, 1, 6, &|m| {
+            m.latency.as_ref().map(|l| l.p50_us)
+        }),
+        busy("busy-poll: RTT p99 (µs) ↓", false, 1, 7, &|m| {
+            m.latency.as_ref().map(|l| l.p99_us)
+        }),
+    ];
     let extra = [
         two_hop(
             "2-hop throughput, 1 stream (Gbit/s) ↑",
@@ -2011,6 +2076,7 @@ fn build_rows(results: &[Measured]) -> Vec<Row> {
     rows.extend(extra);
     rows.push(ratio_1);
     rows.push(ratio_8);
+    rows.extend(busy_rows);
     rows
 }
 
@@ -2065,9 +2131,9 @@ fn targets(results: &[Measured]) -> Vec<Target> {
     let div =
         |a: Option<f64>, b: Option<f64>| a.zip(b).filter(|(_, b)| *b > 0.0).map(|(a, b)| a / b);
     let mut out = Vec::new();
-    for (transport, one, two) in [
-        ("TLS", SKIFF_TLS, SKIFF_TLS_2HOP),
-        ("QUIC", SKIFF_QUIC, SKIFF_QUIC_2HOP),
+    for (transport, one, two, busy) in [
+        ("TLS", SKIFF_TLS, SKIFF_TLS_2HOP, SKIFF_TLS_BUSY),
+        ("QUIC", SKIFF_QUIC, SKIFF_QUIC_2HOP, SKIFF_QUIC_BUSY),
     ] {
         let mut add = |target: &str, value: Option<f64>, goal: &str, met: &dyn Fn(f64) -> bool| {
             out.push(Target {
@@ -2122,6 +2188,19 @@ fn targets(results: &[Measured]) -> Vec<Target> {
             div(get(two, &t8), get(one, &t8)),
             "≥ 0.7",
             &|v| v >= 0.7,
+        );
+        // The same targets for a site that trades CPU time for latency.
+        add(
+            "busy-poll: p50 RTT ÷ haproxy plain",
+            div(get(busy, &p50), get(HAPROXY_PLAIN, &p50)),
+            "≤ 1.0",
+            &|v| v <= 1.0,
+        );
+        add(
+            "busy-poll: connection rate ÷ haproxy plain",
+            div(get(busy, &rate), get(HAPROXY_PLAIN, &rate)),
+            "≥ 1.0",
+            &|v| v >= 1.0,
         );
     }
     out
@@ -2261,6 +2340,22 @@ fn run() -> Result<()> {
             SKIFF_QUIC_2HOP,
             0,
             Box::new(|lab: &mut Lab| skiff(lab, SKIFF_QUIC_2HOP, "quic", &["dev", "stg", "prod"])),
+        ),
+        (
+            SKIFF_TLS_BUSY,
+            0,
+            Box::new(|lab: &mut Lab| {
+                let names = ["dev", "stg"];
+                skiff_route(lab, SKIFF_TLS_BUSY, "tls", &names, &BUSY_POLL_ARGS, None)
+            }),
+        ),
+        (
+            SKIFF_QUIC_BUSY,
+            0,
+            Box::new(|lab: &mut Lab| {
+                let names = ["dev", "stg"];
+                skiff_route(lab, SKIFF_QUIC_BUSY, "quic", &names, &BUSY_POLL_ARGS, None)
+            }),
         ),
     ];
     let mut results = Vec::new();

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod cli;
+mod spin;
 
 use std::process::ExitCode;
 
@@ -21,8 +22,19 @@ fn main() -> ExitCode {
     let args = cli::Args::parse();
     let json_logs = args.log_format == cli::LogFormat::Json;
     let recent_logs = cli::init_logging(&args);
+    let busy_poll = match args.busy_poll() {
+        Ok(window) => window,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let mut builder = match args.threads() {
-        cli::Threads::One => tokio::runtime::Builder::new_current_thread(),
+        cli::Threads::One => {
+            let mut builder = tokio::runtime::Builder::new_current_thread();
+            spin::install(&mut builder, busy_poll);
+            builder
+        }
         cli::Threads::Pool(n) => {
             let mut builder = tokio::runtime::Builder::new_multi_thread();
             builder.worker_threads(n);
@@ -36,7 +48,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(cli::run(args, recent_logs)) {
+    match runtime.block_on(async move {
+        if !busy_poll.is_zero() {
+            tokio::spawn(spin::spinner());
+        }
+        cli::run(args, recent_logs).await
+    }) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             if json_logs {

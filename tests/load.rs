@@ -36,7 +36,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use checked::{Outcome, Request, ServerStats, Tally, Verdict};
-use common::{wait_for, Site};
+use common::{cpu_seconds, wait_for, Site};
 use serde_json::{json, Value};
 
 /// Env var that makes `backend_role` serve (its value: where to write the port).
@@ -152,21 +152,6 @@ impl Drop for Backend {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// CPU time a process has used (user and system), in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // The fields after the command name (which may hold spaces) start with the state;
-    // utime and stime are the 14th and 15th fields, in clock ticks (100 per second).
-    let rest = stat.rsplit(')').next().unwrap_or("");
-    let ticks: u64 = rest
-        .split_whitespace()
-        .skip(11)
-        .take(2)
-        .filter_map(|v| v.parse::<u64>().ok())
-        .sum();
-    ticks as f64 / 100.0
 }
 
 /// Open files and resident memory of a process.

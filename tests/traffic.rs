@@ -3,8 +3,9 @@
 //! real TCP backends and clients in this process check what arrives: integrity of a large
 //! transfer, half-close, resets when a router dies, the load-balancing strategies, failover,
 //! refusal without a target, many concurrent connections, a refusing backend, and restarts;
-//! and, at the end, two properties the docs promise beyond those: stalled readers cost only
-//! their own connections, and round-robin gives every site its turn.
+//! and, at the end, three properties the docs promise beyond those: stalled readers cost only
+//! their own connections, round-robin gives every site its turn, and sites that busy-poll
+//! (`--busy-poll`) stop spinning when traffic stops.
 //!
 //! Backends run on a tokio runtime owned by each test ([`Backends`]). Data is checked against a
 //! seeded pseudo-random [`Pattern`] that both ends can regenerate: comparing slices is fast even
@@ -20,7 +21,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{free_port, hold_for, report, wait_for, Site};
+use common::{cpu_seconds, free_port, hold_for, report, wait_for, Site};
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket};
@@ -1369,6 +1370,58 @@ fn round_robin_takes_every_site_in_turn() {
     );
 }
 
+/// `site run --busy-poll`: sites that busy-poll carry many small round trips intact, and once
+/// the traffic stops they sleep again instead of spinning on.
+fn busy_polling_sites_carry_traffic_and_rest_when_idle() {
+    const ROUND_TRIPS: u64 = 2_000;
+    const IDLE: Duration = Duration::from_secs(3);
+    let backends = Backends::new();
+    let echo = backends.start(Behaviour::Echo);
+    let start = |name: &str| {
+        let mut site = Site::init(name, &[]);
+        site.run_args = ["--threads", "1", "--busy-poll", "200us"]
+            .map(String::from)
+            .to_vec();
+        site.run();
+        site
+    };
+    let a = start("a");
+    let b = start("b");
+    a.link_to(&b);
+    connector(&b, "echo", "echo", echo.port);
+    let port = listener(&a, "echo", "balanced");
+    wait_targets(&a, "echo", &["b"], &[&a, &b]);
+
+    let mut stream = connect(port).expect("connect to the listener");
+    stream.set_nodelay(true).expect("TCP_NODELAY");
+    let mut back = vec![0u8; 64];
+    for i in 0..ROUND_TRIPS {
+        let msg = message(i, 64);
+        stream.write_all(&msg).expect("write a message");
+        stream
+            .read_exact(&mut back)
+            .unwrap_or_else(|e| panic!("round trip {i}: {e}\n{}", report(&[&a, &b])));
+        assert_eq!(back, msg, "round trip {i}: the echo differs");
+    }
+    drop(stream);
+
+    // Let the last connection close, then watch the idle sites.
+    std::thread::sleep(Duration::from_secs(1));
+    let pids = [a.pid(), b.pid()];
+    let before = pids.map(cpu_seconds);
+    std::thread::sleep(IDLE);
+    let used = [0, 1].map(|i| cpu_seconds(pids[i]) - before[i]);
+    // A site that kept spinning would use about a core: IDLE seconds.
+    for (site, used) in [&a, &b].iter().zip(used) {
+        assert!(
+            used < IDLE.as_secs_f64() / 6.0,
+            "site {} used {used:.2} s of CPU in {IDLE:?} without traffic: it did not stop \
+             busy-polling",
+            site.name
+        );
+    }
+}
+
 // Every scenario runs once over TLS links and once over QUIC links.
 on_every_transport!(
     gigabyte_over_two_hops_arrives_intact,
@@ -1384,4 +1437,5 @@ on_every_transport!(
     listeners_and_connectors_survive_a_restart,
     stalled_readers_do_not_freeze_the_link,
     round_robin_takes_every_site_in_turn,
+    busy_polling_sites_carry_traffic_and_rest_when_idle,
 );

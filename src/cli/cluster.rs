@@ -409,6 +409,7 @@ pub async fn run(
             drain_timeout,
             limits,
             threads: _,
+            busy_poll: _,
         }) => {
             let options = skiff_control::site::RunOptions {
                 access_log: !no_access_log,

@@ -114,6 +114,26 @@ impl Args {
             n => Threads::Pool(n),
         }
     }
+
+    /// How long the runtime busy-polls before it sleeps (`site run --busy-poll`; zero: it
+    /// does not). An error when the site runs a pool of threads, where it does not apply.
+    pub fn busy_poll(&self) -> Result<Duration, String> {
+        let Command::Site(site::SiteCommand::Run {
+            busy_poll: Some(window),
+            ..
+        }) = &self.command
+        else {
+            return Ok(Duration::ZERO);
+        };
+        match self.threads() {
+            Threads::One => Ok(*window),
+            Threads::Pool(_) if window.is_zero() => Ok(Duration::ZERO),
+            Threads::Pool(n) => Err(format!(
+                "--busy-poll applies to a site that runs on one thread, and this one runs {n}: \
+                 add --threads 1, or drop --busy-poll"
+            )),
+        }
+    }
 }
 
 /// Log output formats.
@@ -334,6 +354,43 @@ mod tests {
         ));
         let zero = threads(&["skiff", "site", "run", "--threads", "0"]).unwrap_err();
         assert!(zero.to_string().contains("--threads"), "{zero}");
+    }
+
+    #[test]
+    fn busy_polling_needs_one_thread() {
+        let busy_poll = |args: &[&str]| Args::try_parse_from(args).unwrap().busy_poll();
+        assert_eq!(
+            busy_poll(&[
+                "skiff",
+                "site",
+                "run",
+                "--threads",
+                "1",
+                "--busy-poll",
+                "50us"
+            ]),
+            Ok(Duration::from_micros(50))
+        );
+        assert_eq!(
+            busy_poll(&["skiff", "site", "run", "--threads", "1"]),
+            Ok(Duration::ZERO)
+        );
+        assert_eq!(busy_poll(&["skiff", "status"]), Ok(Duration::ZERO));
+        let pool = busy_poll(&[
+            "skiff",
+            "site",
+            "run",
+            "--threads",
+            "2",
+            "--busy-poll",
+            "50us",
+        ])
+        .unwrap_err();
+        assert!(pool.contains("--threads 1"), "{pool}");
+        let long = Args::try_parse_from(["skiff", "site", "run", "--busy-poll", "5ms"])
+            .map(|_| ())
+            .unwrap_err();
+        assert!(long.to_string().contains("at most 1ms"), "{long}");
     }
 
     #[test]

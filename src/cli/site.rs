@@ -66,9 +66,27 @@ pub enum SiteCommand {
         #[arg(long, env = "SKIFF_THREADS", value_name = "N",
               value_parser = clap::value_parser!(u16).range(1..=1024))]
         threads: Option<u16>,
+        /// With one thread: after carrying a message, keep polling for the next one for up to
+        /// this long (e.g. 50us) before sleeping, instead of paying a wake-up. Cuts the
+        /// round-trip time of request/response traffic at the cost of CPU time; the window
+        /// adapts and closes when traffic pauses or another process wants the core
+        /// (docs/performance.md). Off by default.
+        #[arg(long, value_parser = parse_busy_poll, value_name = "DURATION")]
+        busy_poll: Option<Duration>,
         #[command(flatten)]
         limits: LimitArgs,
     },
+}
+
+/// A `--busy-poll` window: from 0 (off) to 1ms.
+fn parse_busy_poll(text: &str) -> Result<Duration, String> {
+    let d = super::parse_duration(text)?;
+    if d > crate::spin::MAX_WINDOW {
+        return Err(
+            "must be at most 1ms: a longer spin costs more than the wake-up it saves".into(),
+        );
+    }
+    Ok(d)
 }
 
 /// What the link port and each link accept (`site run`); see docs/security.md.
@@ -186,6 +204,7 @@ pub async fn run(
             drain_timeout,
             limits,
             threads: _,
+            busy_poll: _,
         } => {
             anyhow::ensure!(
                 router_selector.is_empty(),

@@ -556,6 +556,21 @@ macro_rules! on_every_transport {
     };
 }
 
+/// CPU time a process has used (user and system), in seconds.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command name (which may hold spaces) start with the state;
+    // utime and stime are the 14th and 15th fields, in clock ticks (100 per second).
+    let rest = stat.rsplit(')').next().unwrap_or("");
+    let ticks: u64 = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse::<u64>().ok())
+        .sum();
+    ticks as f64 / 100.0
+}
+
 /// `GET path` on 127.0.0.1:`port` (HTTP/1.0, so the server closes): the status code and body.
 pub fn http_get(port: u16, path: &str) -> Result<(u16, String), String> {
     use std::io::{Read, Write};
