@@ -67,10 +67,10 @@ pub enum SiteCommand {
               value_parser = clap::value_parser!(u16).range(1..=1024))]
         threads: Option<u16>,
         /// With one thread: after carrying a message, keep polling for the next one for up to
-        /// this long (e.g. 50us) before sleeping, instead of paying a wake-up. Cuts the
-        /// round-trip time of request/response traffic at the cost of CPU time; the window
-        /// adapts and closes when traffic pauses or another process wants the core
-        /// (docs/performance.md). Off by default.
+        /// this long before sleeping, instead of paying a wake-up; make it longer than a round
+        /// trip through the tunnel (e.g. 200us). Cuts the round-trip time of request/response
+        /// traffic at the cost of CPU time; the window adapts and closes when traffic pauses or
+        /// another process wants the core (docs/performance.md). Off by default.
         #[arg(long, value_parser = parse_busy_poll, value_name = "DURATION")]
         busy_poll: Option<Duration>,
         #[command(flatten)]
