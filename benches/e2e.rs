@@ -1981,78 +1981,66 @@ fn build_rows(results: &[Measured]) -> Vec<Row> {
             decimals,
         }
     };
-    let two_hop = |label: &str,
-                   higher: bool,
-                   decimals: usize,
-                   one_hop: usize,
-                   get: &dyn Fn(&Measured) -> Option<f64>| {
-        variant(
-            [SKIFF_TLS_2HOP, SKIFF_QUIC_2HOP],
-            label,
-            higher,
-            decimals,
-            one_hop,
-            get,
-        )
-    };
-    let busy = |label: &str,
-                higher: bool,
-                decimals: usize,
-                one_hop: usize,
-                get: &dyn Fn(&Measured) -> Option<f64>| {
-        variant(
-            [SKIFF_TLS_BUSY, SKIFF_QUIC_BUSY],
-            label,
-            higher,
-            decimals,
-            one_hop,
-            get,
-        )
-    };
+    let two_hop = [SKIFF_TLS_2HOP, SKIFF_QUIC_2HOP];
+    let busy = [SKIFF_TLS_BUSY, SKIFF_QUIC_BUSY];
     let busy_rows = [
-        busy(
+        variant(
+            busy,
             "busy-poll: throughput, 1 stream (Gbit/s) ↑",
             true,
             2,
             0,
             &|m| m.throughput_1.as_ref().map(|t| t.gbit_per_s),
         ),
-        busy("busy-poll: connections per second ↑", true, 0, 4, &|m| {
-            m.rate.as_ref().map(|r| r.per_second)
-        }),
-        busy(
+        variant(
+            busy,
+            "busy-poll: connections per second ↑",
+            true,
+            0,
+            4,
+            &|m| m.rate.as_ref().map(|r| r.per_second),
+        ),
+        variant(
+            busy,
             "busy-poll: tunnel CPU per connection (µs) ↓",
             false,
             0,
             5,
             &|m| m.rate.as_ref().and_then(|r| r.tunnel_cpu_us_per_connection),
         ),
-        busy("busy-poll: RTT p50 (µs) ↓", false, 1, 6, &|m| {
+        variant(busy, "busy-poll: RTT p50 (µs) ↓", false, 1, 6, &|m| {
             m.latency.as_ref().map(|l| l.p50_us)
         }),
-        busy("busy-poll: RTT p99 (µs) ↓", false, 1, 7, &|m| {
+        variant(busy, "busy-poll: RTT p99 (µs) ↓", false, 1, 7, &|m| {
             m.latency.as_ref().map(|l| l.p99_us)
         }),
     ];
     let extra = [
-        two_hop(
+        variant(
+            two_hop,
             "2-hop throughput, 1 stream (Gbit/s) ↑",
             true,
             2,
             0,
             &|m| m.throughput_1.as_ref().map(|t| t.gbit_per_s),
         ),
-        two_hop(
+        variant(
+            two_hop,
             "2-hop throughput, 8 streams (Gbit/s) ↑",
             true,
             2,
             1,
             &|m| m.throughput_8.as_ref().map(|t| t.gbit_per_s),
         ),
-        two_hop("2-hop connections per second ↑", true, 0, 4, &|m| {
-            m.rate.as_ref().map(|r| r.per_second)
-        }),
-        two_hop("2-hop RTT p50 (µs) ↓", false, 1, 6, &|m| {
+        variant(
+            two_hop,
+            "2-hop connections per second ↑",
+            true,
+            0,
+            4,
+            &|m| m.rate.as_ref().map(|r| r.per_second),
+        ),
+        variant(two_hop, "2-hop RTT p50 (µs) ↓", false, 1, 6, &|m| {
             m.latency.as_ref().map(|l| l.p50_us)
         }),
     ];
