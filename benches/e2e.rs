@@ -1874,100 +1874,72 @@ fn ratio_cell(value: Option<f64>) -> String {
     value.map_or_else(|| "–".to_string(), |v| format!("{v:.2}×"))
 }
 
+/// A metric of the table: its label, whether higher is better, its decimals, how to read it.
+type Metric = (&'static str, bool, usize, fn(&Measured) -> Option<f64>);
+
 fn build_rows(results: &[Measured]) -> Vec<Row> {
     let find = |label: &str| results.iter().find(|m| m.label == label);
-    let mut rows = vec![
-        Row::from(results, "throughput, 1 stream (Gbit/s) ↑", true, 2, |m| {
+    let metrics: [Metric; 13] = [
+        ("throughput, 1 stream (Gbit/s) ↑", true, 2, |m| {
             m.throughput_1.as_ref().map(|t| t.gbit_per_s)
         }),
-        Row::from(
-            results,
-            "throughput, 8 streams (Gbit/s) ↑",
-            true,
-            2,
-            |m| m.throughput_8.as_ref().map(|t| t.gbit_per_s),
-        ),
-        Row::from(
-            results,
-            "tunnel CPU, 1 stream (ms per GB) ↓",
-            false,
-            0,
-            |m| m.throughput_1.as_ref().and_then(|t| t.tunnel_cpu_ms_per_gb),
-        ),
-        Row::from(
-            results,
-            "tunnel CPU, 8 streams (ms per GB) ↓",
-            false,
-            0,
-            |m| m.throughput_8.as_ref().and_then(|t| t.tunnel_cpu_ms_per_gb),
-        ),
-        Row::from(results, "connections per second ↑", true, 0, |m| {
+        ("throughput, 8 streams (Gbit/s) ↑", true, 2, |m| {
+            m.throughput_8.as_ref().map(|t| t.gbit_per_s)
+        }),
+        ("tunnel CPU, 1 stream (ms per GB) ↓", false, 0, |m| {
+            m.throughput_1.as_ref().and_then(|t| t.tunnel_cpu_ms_per_gb)
+        }),
+        ("tunnel CPU, 8 streams (ms per GB) ↓", false, 0, |m| {
+            m.throughput_8.as_ref().and_then(|t| t.tunnel_cpu_ms_per_gb)
+        }),
+        ("connections per second ↑", true, 0, |m| {
             m.rate.as_ref().map(|r| r.per_second)
         }),
-        Row::from(
-            results,
-            "tunnel CPU per connection (µs) ↓",
-            false,
-            0,
-            |m| m.rate.as_ref().and_then(|r| r.tunnel_cpu_us_per_connection),
-        ),
-        Row::from(results, "RTT p50 (µs) ↓", false, 1, |m| {
+        ("tunnel CPU per connection (µs) ↓", false, 0, |m| {
+            m.rate.as_ref().and_then(|r| r.tunnel_cpu_us_per_connection)
+        }),
+        ("RTT p50 (µs) ↓", false, 1, |m| {
             m.latency.as_ref().map(|l| l.p50_us)
         }),
-        Row::from(results, "RTT p99 (µs) ↓", false, 1, |m| {
+        ("RTT p99 (µs) ↓", false, 1, |m| {
             m.latency.as_ref().map(|l| l.p99_us)
         }),
-        Row::from(results, "RTT p99.9 (µs) ↓", false, 1, |m| {
+        ("RTT p99.9 (µs) ↓", false, 1, |m| {
             m.latency.as_ref().map(|l| l.p999_us)
         }),
-        Row::from(
-            results,
-            "RSS, listener side, 10k idle (MiB) ↓",
-            false,
-            1,
-            |m| {
-                m.memory
-                    .as_ref()
-                    .map(|x| x.client_side_after_kib as f64 / 1024.0)
-            },
-        ),
-        Row::from(
-            results,
-            "RSS, connector side, 10k idle (MiB) ↓",
-            false,
-            1,
-            |m| {
-                m.memory
-                    .as_ref()
-                    .map(|x| x.server_side_after_kib as f64 / 1024.0)
-            },
-        ),
-        Row::from(
-            results,
+        ("RSS, listener side, 10k idle (MiB) ↓", false, 1, |m| {
+            m.memory
+                .as_ref()
+                .map(|x| x.client_side_after_kib as f64 / 1024.0)
+        }),
+        ("RSS, connector side, 10k idle (MiB) ↓", false, 1, |m| {
+            m.memory
+                .as_ref()
+                .map(|x| x.server_side_after_kib as f64 / 1024.0)
+        }),
+        (
             "KiB per idle connection, listener side ↓",
             false,
             1,
             |m| m.memory.as_ref().map(|x| x.client_side_kib_per_connection),
         ),
-        Row::from(
-            results,
+        (
             "KiB per idle connection, connector side ↓",
             false,
             1,
             |m| m.memory.as_ref().map(|x| x.server_side_kib_per_connection),
         ),
     ];
-    // Variants of the skiff routes (two hops, busy-polling): skiff columns only; ratios
-    // against the one-hop row's direct and peers.
-    let variant = |[tls, quic]: [&str; 2],
-                   label: &str,
-                   higher: bool,
-                   decimals: usize,
-                   one_hop: usize,
-                   get: &dyn Fn(&Measured) -> Option<f64>| {
-        let base = &rows[one_hop];
+    let mut rows: Vec<Row> = metrics
+        .iter()
+        .map(|&(label, higher, decimals, get)| Row::from(results, label, higher, decimals, get))
+        .collect();
+    // Variants of the skiff routes (two hops, busy-polling): metric `i` of the routes `tls` and
+    // `quic`, in the skiff columns; ratios against the one-hop row's direct and peers.
+    let variant = |[tls, quic]: [&str; 2], prefix: &str, i: usize| {
+        let (label, higher_is_better, decimals, get) = metrics[i];
         Row {
-            label: label.to_string(),
+            label: format!("{prefix}{label}"),
             values: [
                 None,
                 None,
@@ -1976,74 +1948,16 @@ fn build_rows(results: &[Measured]) -> Vec<Row> {
                 find(tls).and_then(get),
                 find(quic).and_then(get),
             ],
-            reference: Some(base.reference()),
-            higher_is_better: higher,
+            reference: Some(rows[i].reference()),
+            higher_is_better,
             decimals,
         }
     };
-    let two_hop = [SKIFF_TLS_2HOP, SKIFF_QUIC_2HOP];
-    let busy = [SKIFF_TLS_BUSY, SKIFF_QUIC_BUSY];
-    let busy_rows = [
-        variant(
-            busy,
-            "busy-poll: throughput, 1 stream (Gbit/s) ↑",
-            true,
-            2,
-            0,
-            &|m| m.throughput_1.as_ref().map(|t| t.gbit_per_s),
-        ),
-        variant(
-            busy,
-            "busy-poll: connections per second ↑",
-            true,
-            0,
-            4,
-            &|m| m.rate.as_ref().map(|r| r.per_second),
-        ),
-        variant(
-            busy,
-            "busy-poll: tunnel CPU per connection (µs) ↓",
-            false,
-            0,
-            5,
-            &|m| m.rate.as_ref().and_then(|r| r.tunnel_cpu_us_per_connection),
-        ),
-        variant(busy, "busy-poll: RTT p50 (µs) ↓", false, 1, 6, &|m| {
-            m.latency.as_ref().map(|l| l.p50_us)
-        }),
-        variant(busy, "busy-poll: RTT p99 (µs) ↓", false, 1, 7, &|m| {
-            m.latency.as_ref().map(|l| l.p99_us)
-        }),
-    ];
-    let extra = [
-        variant(
-            two_hop,
-            "2-hop throughput, 1 stream (Gbit/s) ↑",
-            true,
-            2,
-            0,
-            &|m| m.throughput_1.as_ref().map(|t| t.gbit_per_s),
-        ),
-        variant(
-            two_hop,
-            "2-hop throughput, 8 streams (Gbit/s) ↑",
-            true,
-            2,
-            1,
-            &|m| m.throughput_8.as_ref().map(|t| t.gbit_per_s),
-        ),
-        variant(
-            two_hop,
-            "2-hop connections per second ↑",
-            true,
-            0,
-            4,
-            &|m| m.rate.as_ref().map(|r| r.per_second),
-        ),
-        variant(two_hop, "2-hop RTT p50 (µs) ↓", false, 1, 6, &|m| {
-            m.latency.as_ref().map(|l| l.p50_us)
-        }),
-    ];
+    // Throughput with 1 and 8 streams, connections per second, RTT p50.
+    let two_hop = [0, 1, 4, 6].map(|i| variant([SKIFF_TLS_2HOP, SKIFF_QUIC_2HOP], "2-hop ", i));
+    // Throughput with 1 stream, connections per second and their CPU, RTT p50 and p99.
+    let busy =
+        [0, 4, 5, 6, 7].map(|i| variant([SKIFF_TLS_BUSY, SKIFF_QUIC_BUSY], "busy-poll: ", i));
     // 2-hop ÷ 1-hop, in the skiff columns.
     let hop_ratio = |label: &str, two: &Row, one: &Row| Row {
         label: label.to_string(),
@@ -2059,12 +1973,12 @@ fn build_rows(results: &[Measured]) -> Vec<Row> {
         higher_is_better: true,
         decimals: 2,
     };
-    let ratio_1 = hop_ratio("2-hop ÷ 1-hop, 1 stream ↑", &extra[0], &rows[0]);
-    let ratio_8 = hop_ratio("2-hop ÷ 1-hop, 8 streams ↑", &extra[1], &rows[1]);
-    rows.extend(extra);
+    let ratio_1 = hop_ratio("2-hop ÷ 1-hop, 1 stream ↑", &two_hop[0], &rows[0]);
+    let ratio_8 = hop_ratio("2-hop ÷ 1-hop, 8 streams ↑", &two_hop[1], &rows[1]);
+    rows.extend(two_hop);
     rows.push(ratio_1);
     rows.push(ratio_8);
-    rows.extend(busy_rows);
+    rows.extend(busy);
     rows
 }
 
