@@ -12,12 +12,14 @@
 //!   connectors in the other, linked over TLS (HTTP/2) or QUIC;
 //! - `skiff TLS 2-hop` / `skiff QUIC 2-hop`: three sites dev → stg → prod, listener in dev,
 //!   connectors in prod;
+//! - `haproxy mTLS 2-hop`: the haproxy mTLS pair with a third haproxy relaying between them
+//!   (mutual TLS on both sides), for what a second TLS hop costs a peer on the same machine;
 //! - `skiff TLS busy-poll` / `skiff QUIC busy-poll`: the one-hop routes with both sites run
 //!   with `--threads 1 --busy-poll 200us`, which trades CPU time for latency.
 //!
 //! Measured per route: bulk throughput with 1 and 8 streams (iperf3), connection rate (connect,
-//! 64-byte request and response, close), round-trip latency of 64-byte messages on one
-//! connection, and the memory (RSS) of the tunnel processes holding 10,000 idle carried
+//! 64-byte request and response, close) with 8 and with 64 concurrent clients, round-trip
+//! latency of 64-byte messages on one connection, and the memory (RSS) of the tunnel processes holding 10,000 idle carried
 //! connections, plus the CPU time the tunnel processes spend. The results are printed as one
 //! Markdown table with ratios and written to `bench-results.json` at the workspace root.
 //!
@@ -60,8 +62,12 @@ use tokio::runtime::Runtime;
 const THROUGHPUT_SECS: u64 = 5;
 /// Length of each connection-rate run.
 const RATE_SECS: u64 = 10;
-/// Concurrent clients in the connection-rate run.
-const RATE_WORKERS: usize = 8;
+/// Concurrent clients in the two connection-rate runs. With 8, each client waits for its
+/// exchange to come back through the tunnel before it opens the next connection, and on a
+/// 2-core machine the CPU stands partly idle while they wait: the rate is set by the round
+/// trip. With 64, there is always work queued, and the rate is set by the CPU that every
+/// process on the path spends per connection.
+const RATE_CLIENTS: [usize; 2] = [8, 64];
 /// Size of the request and of the response (rate and latency runs).
 const MESSAGE: usize = 64;
 /// Round trips before the latency samples start, and samples.
@@ -99,6 +105,8 @@ const SKIFF_TLS: &str = "skiff TLS";
 const SKIFF_QUIC: &str = "skiff QUIC";
 const SKIFF_TLS_2HOP: &str = "skiff TLS 2-hop";
 const SKIFF_QUIC_2HOP: &str = "skiff QUIC 2-hop";
+/// The haproxy mTLS pair with a relay between them: what a second TLS hop costs a peer.
+const HAPROXY_TLS_2HOP: &str = "haproxy mTLS 2-hop";
 const SKIFF_TLS_BUSY: &str = "skiff TLS busy-poll";
 const SKIFF_QUIC_BUSY: &str = "skiff QUIC busy-poll";
 /// What the busy-poll routes add to `site run`.
@@ -131,10 +139,92 @@ fn main() {
     if !args.iter().any(|a| a == "--bench") {
         return;
     }
+    if std::env::var_os(NETNS_ENV).is_none() {
+        if let Some(code) = rerun_in_own_netns(&args) {
+            std::process::exit(code);
+        }
+    }
     if let Err(e) = run() {
         eprintln!("e2e bench failed: {e:#}");
         std::process::exit(1);
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The network namespace
+// ---------------------------------------------------------------------------------------------
+
+/// Set in the copy of the bench that runs in a network namespace of its own.
+const NETNS_ENV: &str = "SKIFF_E2E_NETNS";
+
+/// The ephemeral ports of the bench's own network namespace: all unprivileged ports but those
+/// [`Ports`] hands out for listening.
+const EPHEMERAL_PORTS: &str = "1024 65535";
+
+/// Runs the bench again in a network namespace of its own (`unshare --net`), and returns its exit
+/// code; `None` when it cannot, and the bench then runs here.
+///
+/// Why: every connection a client closes first keeps its local port in TIME_WAIT, and Linux
+/// reuses such a port for the same destination only after a second (`tcp_tw_reuse_delay`), so
+/// with the default 28,232 ephemeral ports no client opens more than about 14,000 connections a
+/// second to one address. The rate runs reach that: in this namespace, `direct` stops there,
+/// whatever the number of clients, and every tunnel's hop to the echo backend is capped at it
+/// too. The bench's namespace gets its own loopback, the widest ephemeral range, and no
+/// TIME_WAIT sockets of other processes; its loads still stay on loopback.
+fn rerun_in_own_netns(args: &[String]) -> Option<i32> {
+    if is_root() {
+        // Tools are installed from here, where the network is (iproute2 among them).
+        ensure_tools();
+    }
+    let why = if !is_root() {
+        "not root"
+    } else if find_program(&["ip"]).is_none() {
+        "no ip (iproute2)"
+    } else if !run_bounded("unshare", &["--net", "true"], Duration::from_secs(10))
+        .is_ok_and(|o| o.ok)
+    {
+        "unshare --net failed"
+    } else {
+        let exe = match std::env::current_exe() {
+            Ok(exe) => exe,
+            Err(e) => {
+                eprintln!("cannot find the bench's own executable ({e}); running here");
+                return None;
+            }
+        };
+        let status = Command::new("unshare")
+            .args(["--net", "--"])
+            .arg(exe)
+            .args(&args[1..])
+            .env(NETNS_ENV, "1")
+            .status();
+        return match status {
+            Ok(status) => Some(status.code().unwrap_or(1)),
+            Err(e) => {
+                eprintln!("cannot run unshare ({e}); running here");
+                None
+            }
+        };
+    };
+    eprintln!(
+        "note: {why}, so the bench runs in this network namespace, whose ephemeral ports cap \
+         each connection-rate run at about 14,000 connections per second (docs/performance.md)"
+    );
+    None
+}
+
+/// Inside the bench's own namespace: brings up its loopback and widens its ephemeral ports.
+fn set_up_netns() -> Result<()> {
+    let up = run_bounded("ip", &["link", "set", "lo", "up"], Duration::from_secs(10))?;
+    if !up.ok {
+        bail!("ip link set lo up: {}", up.stderr.trim());
+    }
+    let reserved = format!("{}-{}", Ports::LOW, Ports::HIGH);
+    fs::write("/proc/sys/net/ipv4/ip_local_reserved_ports", &reserved)
+        .context("cannot reserve the bench's listening ports")?;
+    fs::write("/proc/sys/net/ipv4/ip_local_port_range", EPHEMERAL_PORTS)
+        .context("cannot widen the ephemeral port range")?;
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -455,6 +545,9 @@ impl Tools {
 
     fn missing_packages(&self) -> Vec<&'static str> {
         let mut missing = Vec::new();
+        if find_program(&["ip"]).is_none() {
+            missing.push("iproute2");
+        }
         if self.iperf3.is_none() {
             missing.push("iperf3");
         }
@@ -490,9 +583,10 @@ fn ensure_tools() -> Tools {
     if missing.is_empty() {
         return tools;
     }
-    if !is_root() {
+    if !is_root() || std::env::var_os(NETNS_ENV).is_some() {
         eprintln!(
-            "missing {}; not root, so not installing them: the rows that need them stay empty",
+            "missing {}; not installing them (not root, or no network in the bench's own \
+             namespace): the rows that need them stay empty",
             missing.join(", ")
         );
         return tools;
@@ -647,12 +741,16 @@ struct Rate {
     tunnel_cpu_us_per_connection: Option<f64>,
 }
 
-async fn connection_rate(addr: SocketAddr, length: Duration) -> (u64, u64, Option<String>, f64) {
+async fn connection_rate(
+    addr: SocketAddr,
+    clients: usize,
+    length: Duration,
+) -> (u64, u64, Option<String>, f64) {
     let started = Instant::now();
     let deadline = started + length;
     let first_error = Arc::new(Mutex::new(None::<String>));
     let mut workers = Vec::new();
-    for _ in 0..RATE_WORKERS {
+    for _ in 0..clients {
         let first_error = first_error.clone();
         workers.push(tokio::spawn(async move {
             let (mut ok, mut failed) = (0u64, 0u64);
@@ -1053,13 +1151,14 @@ fn stunnel(lab: &mut Lab) -> Result<Route> {
     })
 }
 
-fn haproxy(lab: &mut Lab, tls: bool) -> Result<Route> {
+/// A chain of haproxy processes: the client side, `hops - 1` relays, the server side, with
+/// mutual TLS between them when `tls`.
+fn haproxy(lab: &mut Lab, label: &'static str, tls: bool, hops: usize) -> Result<Route> {
     let program = lab
         .tools
         .haproxy
         .clone()
         .context("haproxy is not installed")?;
-    let label = if tls { HAPROXY_TLS } else { HAPROXY_PLAIN };
     let certs = if tls {
         Some(
             lab.certs
@@ -1079,8 +1178,6 @@ fn haproxy(lab: &mut Lab, tls: bool) -> Result<Route> {
          defaults\n  mode tcp\n  maxconn {maxconn}\n  timeout connect 5s\n  \
          timeout client 1h\n  timeout server 1h\n"
     );
-    let mut client = global.to_string();
-    let mut server = global.to_string();
     let c = |f: &str| {
         certs
             .as_ref()
@@ -1103,60 +1200,75 @@ fn haproxy(lab: &mut Lab, tls: bool) -> Result<Route> {
     } else {
         (String::new(), String::new())
     };
+    // configs[0] is the client side, configs[hops] the server side.
+    let mut configs = vec![global; hops + 1];
     let mut entries = Vec::new();
     let mut listens = Vec::new();
     for (name, backend) in lab.backends() {
-        let (entry, mid) = (lab.ports.take()?, lab.ports.take()?);
-        entries.push(entry);
-        listens.extend([entry, mid]);
-        client += &format!(
-            "frontend f_{name}\n  bind 127.0.0.1:{entry}\n  default_backend b_{name}\n\
-             backend b_{name}\n  server s 127.0.0.1:{mid}{client_tls}\n"
-        );
-        server += &format!(
-            "frontend f_{name}\n  bind 127.0.0.1:{mid}{server_tls}\n  default_backend b_{name}\n\
-             backend b_{name}\n  server s 127.0.0.1:{backend}\n"
-        );
+        // ports[k] is where proxy k listens.
+        let ports = (0..=hops)
+            .map(|_| lab.ports.take())
+            .collect::<Result<Vec<u16>>>()?;
+        entries.push(ports[0]);
+        listens.extend(&ports);
+        for (k, config) in configs.iter_mut().enumerate() {
+            let bind_tls = if k > 0 { server_tls.as_str() } else { "" };
+            let (next, next_tls) = match ports.get(k + 1) {
+                Some(&port) => (port, client_tls.as_str()),
+                None => (backend, ""),
+            };
+            *config += &format!(
+                "frontend f_{name}\n  bind 127.0.0.1:{}{bind_tls}\n  default_backend b_{name}\n\
+                 backend b_{name}\n  server s 127.0.0.1:{next}{next_tls}\n",
+                ports[k]
+            );
+        }
     }
-    fs::write(dir.join("client.cfg"), client)?;
-    fs::write(dir.join("server.cfg"), server)?;
-    let args = |f: &str| {
-        vec![
+    let mut procs = Vec::new();
+    // The server side first, so that each proxy's next hop is up when it starts.
+    for (k, config) in configs.iter().enumerate().rev() {
+        let file = dir.join(format!("proxy-{k}.cfg"));
+        fs::write(&file, config)?;
+        let args = [
             "-db".to_string(),
             "-f".to_string(),
-            dir.join(f).to_string_lossy().into_owned(),
-        ]
-    };
-    let server = Proc::spawn(
-        "haproxy server side",
-        &dir.join("server.log"),
-        &program,
-        &args("server.cfg"),
-    )?;
-    let client = Proc::spawn(
-        "haproxy client side",
-        &dir.join("client.log"),
-        &program,
-        &args("client.cfg"),
-    )?;
-    let (client_pid, server_pid) = (client.pid(), server.pid());
-    let mut procs = vec![server, client];
+            file.to_string_lossy().into_owned(),
+        ];
+        let role = match k {
+            0 => "client side".to_string(),
+            k if k == hops => "server side".to_string(),
+            k => format!("relay {k}"),
+        };
+        let log = dir.join(format!("proxy-{k}.log"));
+        procs.push(Proc::spawn(
+            &format!("haproxy {role}"),
+            &log,
+            &program,
+            &args,
+        )?);
+    }
+    // procs holds the server side first and the client side last.
+    let pids: Vec<u32> = procs.iter().rev().map(Proc::pid).collect();
     wait_listening(label, &listens, &mut procs)?;
-    let note = if tls {
-        "haproxy pair, mutual TLS 1.3 (ECDSA P-256) between them, nbthread default (2)"
+    let between = if tls {
+        "mutual TLS 1.3 (ECDSA P-256) between them"
     } else {
-        "haproxy pair, plain TCP between them, nbthread default (2)"
+        "plain TCP between them"
+    };
+    let chain = match hops {
+        1 => "haproxy pair".to_string(),
+        n => format!("{} haproxy processes in a chain", n + 1),
     };
     Ok(Route {
         label,
         iperf: entries[0],
         echo: entries[1],
         idle: entries[2],
-        client_side: Some(client_pid),
-        server_side: Some(server_pid),
-        pids: vec![client_pid, server_pid],
+        client_side: pids.first().copied(),
+        server_side: pids.last().copied(),
+        pids,
         procs,
-        note: note.into(),
+        note: format!("{chain}, {between}, nbthread default (2)"),
     })
 }
 
@@ -1389,7 +1501,9 @@ struct Measured {
     note: String,
     throughput_1: Option<Throughput>,
     throughput_8: Option<Throughput>,
-    rate: Option<Rate>,
+    /// Connection rate with [`RATE_CLIENTS`]`[0]` and `[1]` concurrent clients.
+    rate_8: Option<Rate>,
+    rate_64: Option<Rate>,
     latency: Option<Latency>,
     memory: Option<Memory>,
     /// UDP datagrams the kernel dropped for full receive buffers while the route was measured
@@ -1495,12 +1609,14 @@ fn memory(lab: &Lab, route: &Route, count: usize) -> Result<Memory> {
     })
 }
 
-fn rate(lab: &Lab, route: &Route) -> Result<Rate> {
+fn rate(lab: &Lab, route: &Route, clients: usize) -> Result<Rate> {
     let addr: SocketAddr = ([127, 0, 0, 1], route.echo).into();
     let cpu_before = cpu_of(&route.pids, lab.ticks);
-    let (completed, failed, first_error, elapsed) = lab
-        .rt
-        .block_on(connection_rate(addr, Duration::from_secs(RATE_SECS)));
+    let (completed, failed, first_error, elapsed) = lab.rt.block_on(connection_rate(
+        addr,
+        clients,
+        Duration::from_secs(RATE_SECS),
+    ));
     let cpu = cpu_of(&route.pids, lab.ticks) - cpu_before;
     if completed == 0 {
         bail!("no connection completed: {first_error:?}");
@@ -1751,15 +1867,23 @@ fn measure(lab: &mut Lab, mut route: Route, idle: usize) -> Measured {
             m.throughput_8 = result;
         }
     }
-    eprintln!("  connection rate: {RATE_WORKERS} workers, {RATE_SECS} s");
-    let (result, cores) = undisturbed(lab, &route, |lab, route| rate(lab, route));
-    m.other_processes_cores.insert("rate".into(), cores);
-    m.rate = keep(&mut m, "connection rate", result);
-    if let Some(r) = &m.rate {
-        eprintln!(
-            "    {:.0} connections/s ({} failed)",
-            r.per_second, r.failed
-        );
+    for clients in RATE_CLIENTS {
+        eprintln!("  connection rate: {clients} clients, {RATE_SECS} s");
+        let (result, cores) = undisturbed(lab, &route, |lab, route| rate(lab, route, clients));
+        let what = format!("rate_{clients}");
+        m.other_processes_cores.insert(what.clone(), cores);
+        let result = keep(&mut m, &what, result);
+        if let Some(r) = &result {
+            eprintln!(
+                "    {:.0} connections/s ({} failed)",
+                r.per_second, r.failed
+            );
+        }
+        if clients == RATE_CLIENTS[0] {
+            m.rate_8 = result;
+        } else {
+            m.rate_64 = result;
+        }
     }
     eprintln!("  latency: {PINGS} round trips of {MESSAGE} bytes");
     let (result, cores) = undisturbed(lab, &route, |lab, route| latency(lab, route));
@@ -1879,7 +2003,7 @@ type Metric = (&'static str, bool, usize, fn(&Measured) -> Option<f64>);
 
 fn build_rows(results: &[Measured]) -> Vec<Row> {
     let find = |label: &str| results.iter().find(|m| m.label == label);
-    let metrics: [Metric; 13] = [
+    let metrics: [Metric; 15] = [
         ("throughput, 1 stream (Gbit/s) ↑", true, 2, |m| {
             m.throughput_1.as_ref().map(|t| t.gbit_per_s)
         }),
@@ -1892,12 +2016,32 @@ fn build_rows(results: &[Measured]) -> Vec<Row> {
         ("tunnel CPU, 8 streams (ms per GB) ↓", false, 0, |m| {
             m.throughput_8.as_ref().and_then(|t| t.tunnel_cpu_ms_per_gb)
         }),
-        ("connections per second ↑", true, 0, |m| {
-            m.rate.as_ref().map(|r| r.per_second)
+        ("connections per second, 8 clients ↑", true, 0, |m| {
+            m.rate_8.as_ref().map(|r| r.per_second)
         }),
-        ("tunnel CPU per connection (µs) ↓", false, 0, |m| {
-            m.rate.as_ref().and_then(|r| r.tunnel_cpu_us_per_connection)
+        (
+            "tunnel CPU per connection, 8 clients (µs) ↓",
+            false,
+            0,
+            |m| {
+                m.rate_8
+                    .as_ref()
+                    .and_then(|r| r.tunnel_cpu_us_per_connection)
+            },
+        ),
+        ("connections per second, 64 clients ↑", true, 0, |m| {
+            m.rate_64.as_ref().map(|r| r.per_second)
         }),
+        (
+            "tunnel CPU per connection, 64 clients (µs) ↓",
+            false,
+            0,
+            |m| {
+                m.rate_64
+                    .as_ref()
+                    .and_then(|r| r.tunnel_cpu_us_per_connection)
+            },
+        ),
         ("RTT p50 (µs) ↓", false, 1, |m| {
             m.latency.as_ref().map(|l| l.p50_us)
         }),
@@ -1935,36 +2079,37 @@ fn build_rows(results: &[Measured]) -> Vec<Row> {
         .map(|&(label, higher, decimals, get)| Row::from(results, label, higher, decimals, get))
         .collect();
     // Variants of the skiff routes (two hops, busy-polling): metric `i` of the routes `tls` and
-    // `quic`, in the skiff columns; ratios against the one-hop row's direct and peers.
-    let variant = |[tls, quic]: [&str; 2], prefix: &str, i: usize| {
+    // `quic` in the skiff columns, and of `haproxy` (if any) in haproxy mTLS's column; ratios
+    // against the one-hop row's direct and peers.
+    let variant = |[haproxy, tls, quic]: [Option<&str>; 3], prefix: &str, i: usize| {
         let (label, higher_is_better, decimals, get) = metrics[i];
+        let value = |route: Option<&str>| route.and_then(find).and_then(get);
         Row {
             label: format!("{prefix}{label}"),
-            values: [
-                None,
-                None,
-                None,
-                None,
-                find(tls).and_then(get),
-                find(quic).and_then(get),
-            ],
+            values: [None, None, value(haproxy), None, value(tls), value(quic)],
             reference: Some(rows[i].reference()),
             higher_is_better,
             decimals,
         }
     };
-    // Throughput with 1 and 8 streams, connections per second, RTT p50.
-    let two_hop = [0, 1, 4, 6].map(|i| variant([SKIFF_TLS_2HOP, SKIFF_QUIC_2HOP], "2-hop ", i));
-    // Throughput with 1 stream, connections per second and their CPU, RTT p50 and p99.
-    let busy =
-        [0, 4, 5, 6, 7].map(|i| variant([SKIFF_TLS_BUSY, SKIFF_QUIC_BUSY], "busy-poll: ", i));
-    // 2-hop ÷ 1-hop, in the skiff columns.
+    // Throughput with 1 and 8 streams, connections per second (8 and 64 clients), RTT p50.
+    let two_hop = [0, 1, 4, 6, 8].map(|i| {
+        let routes = [HAPROXY_TLS_2HOP, SKIFF_TLS_2HOP, SKIFF_QUIC_2HOP].map(Some);
+        variant(routes, "2-hop ", i)
+    });
+    // Throughput with 1 stream, connections per second and their CPU (8 and 64 clients), RTT
+    // p50 and p99.
+    let busy = [0, 4, 5, 6, 7, 8, 9].map(|i| {
+        let routes = [None, Some(SKIFF_TLS_BUSY), Some(SKIFF_QUIC_BUSY)];
+        variant(routes, "busy-poll: ", i)
+    });
+    // 2-hop ÷ 1-hop, in the skiff columns and haproxy mTLS's.
     let hop_ratio = |label: &str, two: &Row, one: &Row| Row {
         label: label.to_string(),
         values: [
             None,
             None,
-            None,
+            two.values[2].zip(one.values[2]).map(|(a, b)| a / b),
             None,
             two.values[4].zip(one.values[4]).map(|(a, b)| a / b),
             two.values[5].zip(one.values[5]).map(|(a, b)| a / b),
@@ -2052,10 +2197,17 @@ fn targets(results: &[Measured]) -> Vec<Target> {
             "≥ 1.5",
             &|v| v >= 1.5,
         );
-        let rate = |m: &Measured| m.rate.as_ref().map(|r| r.per_second);
+        let rate_8 = |m: &Measured| m.rate_8.as_ref().map(|r| r.per_second);
+        let rate_64 = |m: &Measured| m.rate_64.as_ref().map(|r| r.per_second);
         add(
-            "connection rate ÷ haproxy plain",
-            div(get(one, &rate), get(HAPROXY_PLAIN, &rate)),
+            "connection rate, 8 clients ÷ haproxy plain",
+            div(get(one, &rate_8), get(HAPROXY_PLAIN, &rate_8)),
+            "≥ 1.0",
+            &|v| v >= 1.0,
+        );
+        add(
+            "connection rate, 64 clients ÷ haproxy plain",
+            div(get(one, &rate_64), get(HAPROXY_PLAIN, &rate_64)),
             "≥ 1.0",
             &|v| v >= 1.0,
         );
@@ -2099,8 +2251,14 @@ fn targets(results: &[Measured]) -> Vec<Target> {
             &|v| v <= 1.0,
         );
         add(
-            "busy-poll: connection rate ÷ haproxy plain",
-            div(get(busy, &rate), get(HAPROXY_PLAIN, &rate)),
+            "busy-poll: connection rate, 8 clients ÷ haproxy plain",
+            div(get(busy, &rate_8), get(HAPROXY_PLAIN, &rate_8)),
+            "≥ 1.0",
+            &|v| v >= 1.0,
+        );
+        add(
+            "busy-poll: connection rate, 64 clients ÷ haproxy plain",
+            div(get(busy, &rate_64), get(HAPROXY_PLAIN, &rate_64)),
             "≥ 1.0",
             &|v| v >= 1.0,
         );
@@ -2150,6 +2308,11 @@ fn run() -> Result<()> {
         eprintln!(
             "  note: only {nofile} file descriptors; the memory run may open fewer connections"
         );
+    }
+    let own_netns = std::env::var_os(NETNS_ENV).is_some();
+    if own_netns {
+        set_up_netns().context("cannot set up the bench's network namespace")?;
+        eprintln!("  in a network namespace of its own, ephemeral ports {EPHEMERAL_PORTS}");
     }
     let tools = ensure_tools();
     let dir = tempfile::Builder::new().prefix("skiff-e2e-").tempdir()?;
@@ -2216,12 +2379,12 @@ fn run() -> Result<()> {
         (
             HAPROXY_TLS,
             peer,
-            Box::new(|lab: &mut Lab| haproxy(lab, true)),
+            Box::new(|lab: &mut Lab| haproxy(lab, HAPROXY_TLS, true, 1)),
         ),
         (
             HAPROXY_PLAIN,
             peer,
-            Box::new(|lab: &mut Lab| haproxy(lab, false)),
+            Box::new(|lab: &mut Lab| haproxy(lab, HAPROXY_PLAIN, false, 1)),
         ),
         (
             SKIFF_TLS,
@@ -2242,6 +2405,11 @@ fn run() -> Result<()> {
             SKIFF_QUIC_2HOP,
             0,
             Box::new(|lab: &mut Lab| skiff(lab, SKIFF_QUIC_2HOP, "quic", &["dev", "stg", "prod"])),
+        ),
+        (
+            HAPROXY_TLS_2HOP,
+            0,
+            Box::new(|lab: &mut Lab| haproxy(lab, HAPROXY_TLS_2HOP, true, 2)),
         ),
         (
             SKIFF_TLS_BUSY,
@@ -2409,7 +2577,11 @@ fn run() -> Result<()> {
         "settings": {
             "throughput_seconds": THROUGHPUT_SECS,
             "rate_seconds": RATE_SECS,
-            "rate_workers": RATE_WORKERS,
+            "rate_clients": RATE_CLIENTS,
+            "own_network_namespace": own_netns,
+            "ephemeral_ports": fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+                .map(|r| r.split_whitespace().collect::<Vec<_>>().join("-"))
+                .unwrap_or_default(),
             "message_bytes": MESSAGE,
             "ping_warmup": PING_WARMUP,
             "pings": PINGS,
