@@ -98,6 +98,18 @@ impl LinkTransport {
             LinkTransport::Quic(_) => TransportKind::Quic,
         }
     }
+
+    /// Hands the streams the peer opens from now on to `handle`, straight from the task that
+    /// receives them, where the transport has such a task (TLS: see
+    /// [`TlsTransport::hand_streams_to`]). On QUIC, and for streams that arrived before, they
+    /// keep coming through [`Transport::accept`].
+    pub fn hand_streams_to(&self, handle: impl Fn(AnySend, AnyRecv) + Send + Sync + 'static) {
+        if let LinkTransport::Tls(t) = self {
+            t.hand_streams_to(Box::new(move |s, r| {
+                handle(AnySend::Tls(s), AnyRecv::Tls(r))
+            }));
+        }
+    }
 }
 
 /// The sending half of a stream on either transport.

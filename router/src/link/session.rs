@@ -79,12 +79,18 @@ pub(crate) async fn run(
         Role::Acceptor { .. } => None,
     };
     let mut renewal_key: Option<String> = None;
-    // Streams the peer may have open towards this site at once (see `Config::max_link_streams`);
-    // each carried connection it opens holds a permit until it ends.
-    let streams = Arc::new(tokio::sync::Semaphore::new(
-        config.max_link_streams as usize,
-    ));
-    let mut full_since: Option<Instant> = None;
+    let incoming = Arc::new(Incoming {
+        inner: inner.clone(),
+        peer_name: peer_name.to_string(),
+        permits: Arc::new(tokio::sync::Semaphore::new(
+            config.max_link_streams as usize,
+        )),
+        warned: std::sync::Mutex::new(None),
+    });
+    {
+        let incoming = incoming.clone();
+        transport.hand_streams_to(move |send, recv| incoming.take(send, recv));
+    }
 
     let reason = loop {
         let renew_sleep = async {
@@ -253,41 +259,11 @@ pub(crate) async fn run(
                     break e;
                 }
             }
-            incoming = transport.accept() => {
-                let Some((send, recv)) = incoming else {
+            stream = transport.accept() => {
+                let Some((send, recv)) = stream else {
                     break "connection lost".to_string();
                 };
-                let Ok(permit) = streams.clone().try_acquire_owned() else {
-                    inner
-                        .metrics
-                        .streams_refused
-                        .get_or_create(&crate::metrics::PeerLabels {
-                            peer_site: peer_name.to_string(),
-                        })
-                        .inc();
-                    // Once per second at most: a busy link may refuse many.
-                    if full_since.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
-                        full_since = Some(Instant::now());
-                        tracing::warn!(
-                            limit = config.max_link_streams,
-                            "the link carries the most connections the peer may open; \
-                             refusing new ones (see --max-link-streams)"
-                        );
-                    }
-                    // Not a carried connection: a drain does not wait for it.
-                    tokio::spawn(crate::forward::refuse_stream(inner.clone(), send, recv));
-                    continue;
-                };
-                let serve = crate::forward::serve_stream(
-                    inner.clone(),
-                    peer_name.to_string(),
-                    send,
-                    recv,
-                );
-                inner.carried.spawn(async move {
-                    let _permit = permit;
-                    serve.await
-                });
+                incoming.take(send, recv);
             }
         }
     };
@@ -299,6 +275,53 @@ pub(crate) async fn run(
     control.reset();
     transport.close();
     reason
+}
+
+/// Takes the streams the peer opens on a link: serves each as a carried connection while the
+/// link's stream limit allows, and refuses the rest.
+struct Incoming {
+    inner: Arc<Inner>,
+    peer_name: String,
+    /// Streams the peer may have open towards this site at once (see
+    /// `Config::max_link_streams`); each carried connection it opens holds a permit until it
+    /// ends.
+    permits: Arc<tokio::sync::Semaphore>,
+    /// When the link last warned that it was full: once per second at most, as a busy link may
+    /// refuse many.
+    warned: std::sync::Mutex<Option<Instant>>,
+}
+
+impl Incoming {
+    /// Spawns what serves (or refuses) the stream; returns at once.
+    fn take(&self, send: AnySend, recv: AnyRecv) {
+        let inner = &self.inner;
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            inner
+                .metrics
+                .streams_refused
+                .get_or_create(&crate::metrics::PeerLabels {
+                    peer_site: self.peer_name.clone(),
+                })
+                .inc();
+            let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
+            if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                *warned = Some(Instant::now());
+                tracing::warn!(
+                    limit = inner.config.max_link_streams,
+                    "the link carries the most connections the peer may open; \
+                     refusing new ones (see --max-link-streams)"
+                );
+            }
+            // Not a carried connection: a drain does not wait for it.
+            tokio::spawn(crate::forward::refuse_stream(inner.clone(), send, recv));
+            return;
+        };
+        let serve = crate::forward::serve_stream(inner.clone(), self.peer_name.clone(), send, recv);
+        inner.carried.spawn(async move {
+            let _permit = permit;
+            serve.await
+        });
+    }
 }
 
 /// Sends a control message, bounded in time: a send stuck on flow control must not keep the

@@ -42,6 +42,14 @@ const SEND_BUFFER: usize = 1024 * 1024;
 const MAX_HEADER_LIST: u32 = 16 * 1024;
 /// Streams the peer opened that the router has not picked up yet.
 const ACCEPT_QUEUE: usize = 1024;
+
+/// What a link does with each stream its peer opens, once it says so
+/// ([`TlsTransport::hand_streams_to`]). It runs on the task that drives the connection, so it
+/// must return at once (it spawns what serves the stream).
+pub type StreamHandler = Box<dyn Fn(H2Send, H2Recv) + Send + Sync>;
+
+/// Where a [`ServerHalf`]'s driver finds the [`StreamHandler`], if one is set.
+type HandlerSlot = Arc<std::sync::Mutex<Option<StreamHandler>>>;
 /// Read buffer under TLS on a link's TCP connection. rustls reads from its socket at most what
 /// completes the record it is assembling (4 KiB when its buffer has just been emptied), so every
 /// 16 KiB record cost at least one `recvfrom`; with this buffer one call takes in up to sixteen
@@ -238,6 +246,7 @@ impl ClientHalf {
 pub struct ServerHalf {
     incoming: Mutex<mpsc::Receiver<(H2Send, H2Recv)>>,
     received: Arc<AtomicU64>,
+    handler: HandlerSlot,
 }
 
 impl ServerHalf {
@@ -269,6 +278,8 @@ impl ServerHalf {
             .await
             .map_err(link_closed)?;
         let (tx, rx) = mpsc::channel(ACCEPT_QUEUE);
+        let handler = HandlerSlot::default();
+        let slot = handler.clone();
         tokio::spawn(async move {
             // `accept` also drives the connection's I/O, so this loop must keep polling it; the
             // queue is bounded and its consumer only spawns a task per stream, so waiting on a
@@ -288,6 +299,16 @@ impl ServerHalf {
                                 state: RecvState::Ready(request.into_body()),
                             },
                         );
+                        let pair = {
+                            let handler = slot.lock().unwrap_or_else(|e| e.into_inner());
+                            match handler.as_ref() {
+                                Some(handle) => {
+                                    handle(pair.0, pair.1);
+                                    continue;
+                                }
+                                None => pair,
+                            }
+                        };
                         if tx.send(pair).await.is_err() {
                             break;
                         }
@@ -304,6 +325,7 @@ impl ServerHalf {
         Ok(ServerHalf {
             incoming: Mutex::new(rx),
             received,
+            handler,
         })
     }
 
@@ -331,11 +353,35 @@ impl TlsTransport {
     }
 }
 
+impl TlsTransport {
+    /// Hands every stream the peer opens from now on to `handle`, on the task that drives the
+    /// connection, instead of queueing it for [`Transport::accept`]: the stream reaches the
+    /// task that serves it one task hand-off sooner. Streams queued before stay queued for
+    /// `accept`, which also still reports the connection's end. [`Transport::close`] drops the
+    /// handler (and what it holds).
+    pub fn hand_streams_to(&self, handle: StreamHandler) {
+        *self
+            .server
+            .handler
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(handle);
+    }
+
+    fn drop_handler(&self) {
+        self.server
+            .handler
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+    }
+}
+
 impl Drop for TlsTransport {
     fn drop(&mut self) {
         // Dropping the transport must not leave connection drivers running with nobody to use
         // them: cancelling makes both drivers drop their connections, which fails every stream.
         self.dead.cancel();
+        self.drop_handler();
     }
 }
 
@@ -363,6 +409,7 @@ impl Transport for TlsTransport {
 
     fn close(&self) {
         self.dead.cancel();
+        self.drop_handler();
     }
 
     fn received(&self) -> u64 {
@@ -585,6 +632,35 @@ mod tests {
             assert_eq!(r1.recv().await.unwrap().unwrap(), &b"pong"[..]);
             assert_eq!(r1.recv().await.unwrap(), None);
         }
+    }
+
+    #[tokio::test]
+    async fn a_stream_handler_gets_new_streams_until_the_link_closes() {
+        let (a, b) = pair().await;
+        // A stream opened before the handler is set waits for `accept`.
+        let (mut early, _early_recv) = a.open().await.unwrap();
+        early.send(Bytes::from_static(b"early")).await.unwrap();
+        let (tx, mut handled) = mpsc::unbounded_channel();
+        let held = Arc::new(());
+        let in_handler = held.clone();
+        b.hand_streams_to(Box::new(move |send, recv| {
+            let _ = &in_handler;
+            let _ = tx.send((send, recv));
+        }));
+        let (mut s1, mut r1) = a.open().await.unwrap();
+        s1.send(Bytes::from_static(b"ping")).await.unwrap();
+        let handed = tokio::time::timeout(std::time::Duration::from_secs(10), handled.recv());
+        let (mut s2, mut r2) = handed.await.expect("the handler got the stream").unwrap();
+        assert_eq!(r2.recv().await.unwrap().unwrap(), &b"ping"[..]);
+        s2.send(Bytes::from_static(b"pong")).await.unwrap();
+        assert_eq!(r1.recv().await.unwrap().unwrap(), &b"pong"[..]);
+        let (_s, mut r) = b.accept().await.unwrap();
+        assert_eq!(r.recv().await.unwrap().unwrap(), &b"early"[..]);
+        // Closing drops the handler and what it holds (the router's state, in a router).
+        assert_eq!(Arc::strong_count(&held), 2);
+        b.close();
+        assert_eq!(Arc::strong_count(&held), 1);
+        assert!(b.accept().await.is_none(), "accept reports the end");
     }
 
     #[tokio::test]
