@@ -176,14 +176,23 @@ fn rerun_in_own_netns(args: &[String]) -> Option<i32> {
         // Tools are installed from here, where the network is (iproute2 among them).
         ensure_tools();
     }
+    // What `set_up_netns` does, tried first: where /proc/sys is read-only, say, the bench still
+    // runs, here.
+    let probe = format!(
+        "ip link set lo up && echo {EPHEMERAL_PORTS} > /proc/sys/net/ipv4/ip_local_port_range"
+    );
     let why = if !is_root() {
         "not root"
     } else if find_program(&["ip"]).is_none() {
         "no ip (iproute2)"
-    } else if !run_bounded("unshare", &["--net", "true"], Duration::from_secs(10))
-        .is_ok_and(|o| o.ok)
+    } else if !run_bounded(
+        "unshare",
+        &["--net", "--", "sh", "-c", &probe],
+        Duration::from_secs(10),
+    )
+    .is_ok_and(|o| o.ok)
     {
-        "unshare --net failed"
+        "a network namespace of its own could not be set up (unshare --net, ip, sysctl)"
     } else {
         let exe = match std::env::current_exe() {
             Ok(exe) => exe,

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::control::ControlChannel;
-use super::transport::Transport;
+use super::transport::{SendStream, Transport};
 use super::{AnyRecv, AnySend, LinkTransport};
 use crate::proto::Message;
 use crate::Inner;
@@ -80,8 +80,9 @@ pub(crate) async fn run(
     };
     let mut renewal_key: Option<String> = None;
     let incoming = Arc::new(Incoming {
-        inner: inner.clone(),
+        inner: Arc::downgrade(inner),
         peer_name: peer_name.to_string(),
+        span: tracing::Span::current(),
         permits: Arc::new(tokio::sync::Semaphore::new(
             config.max_link_streams as usize,
         )),
@@ -280,8 +281,12 @@ pub(crate) async fn run(
 /// Takes the streams the peer opens on a link: serves each as a carried connection while the
 /// link's stream limit allows, and refuses the rest.
 struct Incoming {
-    inner: Arc<Inner>,
+    /// Weak: the link's transport holds this (as its stream handler), and the router's state
+    /// holds the transport while the link is up.
+    inner: std::sync::Weak<Inner>,
     peer_name: String,
+    /// The session's span (which link), for what is logged from the link's connection driver.
+    span: tracing::Span,
     /// Streams the peer may have open towards this site at once (see
     /// `Config::max_link_streams`); each carried connection it opens holds a permit until it
     /// ends.
@@ -293,8 +298,11 @@ struct Incoming {
 
 impl Incoming {
     /// Spawns what serves (or refuses) the stream; returns at once.
-    fn take(&self, send: AnySend, recv: AnyRecv) {
-        let inner = &self.inner;
+    fn take(&self, mut send: AnySend, recv: AnyRecv) {
+        let Some(inner) = self.inner.upgrade() else {
+            // The router is gone.
+            return send.reset();
+        };
         let Ok(permit) = self.permits.clone().try_acquire_owned() else {
             inner
                 .metrics
@@ -307,6 +315,7 @@ impl Incoming {
             if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
                 *warned = Some(Instant::now());
                 tracing::warn!(
+                    parent: &self.span,
                     limit = inner.config.max_link_streams,
                     "the link carries the most connections the peer may open; \
                      refusing new ones (see --max-link-streams)"

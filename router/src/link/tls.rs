@@ -281,7 +281,8 @@ impl ServerHalf {
         let handler = HandlerSlot::default();
         let slot = handler.clone();
         tokio::spawn(async move {
-            // `accept` also drives the connection's I/O, so this loop must keep polling it; the
+            // `accept` also drives the connection's I/O, so this loop must keep polling it. A
+            // handler, once set, takes each stream at once (it spawns a task). Until then the
             // queue is bounded and its consumer only spawns a task per stream, so waiting on a
             // full queue is brief and is exactly the backpressure we want.
             loop {
@@ -368,11 +369,15 @@ impl TlsTransport {
     }
 
     fn drop_handler(&self) {
-        self.server
+        let mut slot = self
+            .server
             .handler
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+            .unwrap_or_else(|e| e.into_inner());
+        let handler = slot.take();
+        drop(slot);
+        // Dropped outside the lock: it may hold much.
+        drop(handler);
     }
 }
 
@@ -636,10 +641,16 @@ mod tests {
 
     #[tokio::test]
     async fn a_stream_handler_gets_new_streams_until_the_link_closes() {
+        let wait = |what| {
+            move |r: Result<_, tokio::time::error::Elapsed>| r.unwrap_or_else(|_| panic!("{what}"))
+        };
+        let limit = std::time::Duration::from_secs(10);
         let (a, b) = pair().await;
-        // A stream opened before the handler is set waits for `accept`.
-        let (mut early, _early_recv) = a.open().await.unwrap();
-        early.send(Bytes::from_static(b"early")).await.unwrap();
+        // Without a handler, streams wait for `accept`.
+        let (mut s0, _r0) = a.open().await.unwrap();
+        s0.send(Bytes::from_static(b"queued")).await.unwrap();
+        let (_s, mut r) = wait("accept")(tokio::time::timeout(limit, b.accept()).await).unwrap();
+        assert_eq!(r.recv().await.unwrap().unwrap(), &b"queued"[..]);
         let (tx, mut handled) = mpsc::unbounded_channel();
         let held = Arc::new(());
         let in_handler = held.clone();
@@ -649,13 +660,14 @@ mod tests {
         }));
         let (mut s1, mut r1) = a.open().await.unwrap();
         s1.send(Bytes::from_static(b"ping")).await.unwrap();
-        let handed = tokio::time::timeout(std::time::Duration::from_secs(10), handled.recv());
-        let (mut s2, mut r2) = handed.await.expect("the handler got the stream").unwrap();
+        let handed = tokio::time::timeout(limit, handled.recv()).await;
+        let (mut s2, mut r2) = wait("the handler got the stream")(handed).unwrap();
         assert_eq!(r2.recv().await.unwrap().unwrap(), &b"ping"[..]);
         s2.send(Bytes::from_static(b"pong")).await.unwrap();
         assert_eq!(r1.recv().await.unwrap().unwrap(), &b"pong"[..]);
-        let (_s, mut r) = b.accept().await.unwrap();
-        assert_eq!(r.recv().await.unwrap().unwrap(), &b"early"[..]);
+        // Handed over, not also queued.
+        let short = std::time::Duration::from_millis(200);
+        assert!(tokio::time::timeout(short, b.accept()).await.is_err());
         // Closing drops the handler and what it holds (the router's state, in a router).
         assert_eq!(Arc::strong_count(&held), 2);
         b.close();
