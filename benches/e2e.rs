@@ -19,9 +19,10 @@
 //!
 //! Measured per route: bulk throughput with 1 and 8 streams (iperf3), connection rate (connect,
 //! 64-byte request and response, close) with 8 and with 64 concurrent clients, round-trip
-//! latency of 64-byte messages on one connection, and the memory (RSS) of the tunnel processes holding 10,000 idle carried
-//! connections, plus the CPU time the tunnel processes spend. The results are printed as one
-//! Markdown table with ratios and written to `bench-results.json` at the workspace root.
+//! latency of 64-byte messages on one connection, and the memory (RSS) of the tunnel processes
+//! holding 10,000 idle carried connections, plus the CPU time the tunnel processes spend. The
+//! results are printed as one Markdown table with ratios and written to `bench-results.json` at
+//! the workspace root.
 //!
 //! Last, the skiff TLS route runs again with both sites under callgrind, which counts the
 //! instructions each router executes in user space per carried connection and per 64-byte
@@ -167,9 +168,9 @@ const EPHEMERAL_PORTS: &str = "1024 65535";
 /// Why: every connection a client closes first keeps its local port in TIME_WAIT, and Linux
 /// reuses such a port for the same destination only after a second (`tcp_tw_reuse_delay`), so
 /// with the default 28,232 ephemeral ports no client opens more than about 14,000 connections a
-/// second to one address. The rate runs reach that: in this namespace, `direct` stops there,
-/// whatever the number of clients, and every tunnel's hop to the echo backend is capped at it
-/// too. The bench's namespace gets its own loopback, the widest ephemeral range, and no
+/// second to one address. The rate runs reach that: in the machine's namespace, `direct` stops
+/// there, whatever the number of clients, and every tunnel's hop to the echo backend is capped
+/// at it too. The bench's namespace gets its own loopback, the widest ephemeral range, and no
 /// TIME_WAIT sockets of other processes; its loads still stay on loopback.
 fn rerun_in_own_netns(args: &[String]) -> Option<i32> {
     if is_root() {
