@@ -26,12 +26,16 @@ use tokio_util::sync::CancellationToken;
 use crate::link::transport::{RecvStream, SendStream};
 use crate::metrics::Tally;
 
-/// Largest read from a TCP socket. Large reads mean fewer system calls per byte (128 KiB
-/// instead of 64 cut the routers' CPU per GB carried by about a fifth). The size leaves room
-/// for the 9-byte HTTP/2 frame header that carries the chunk over a TLS link, so that a full
-/// read fills exactly eight 16 KiB TLS records: at 64 KiB even, every chunk left a 9-byte
-/// record behind, with its own encryption and its own `writev`.
-pub(crate) const READ_CHUNK: usize = 8 * TLS_RECORD - HTTP2_FRAME_HEADER;
+/// Largest read from a TCP socket. The size leaves room for the 9-byte HTTP/2 frame header
+/// that carries the chunk over a TLS link, so that a full read fills exactly three 16 KiB TLS
+/// records (a 9-byte record left behind costs its own encryption and `writev`). Three records,
+/// about 48 KiB on the wire, fit in one 64 KiB TCP segment as the kernel hands it to the
+/// device (loopback's MTU, and the GSO/TSO limit on a NIC). Eight records (128 KiB) made three
+/// segments of one write, the last a few hundred bytes long, and each such runt cost a wake-up
+/// and a partial record at the receiving router: 3 records instead of 8 cut the routers' CPU
+/// per GB carried by a sixth and raised a single stream's throughput by as much
+/// (docs/performance.md).
+pub(crate) const READ_CHUNK: usize = 3 * TLS_RECORD - HTTP2_FRAME_HEADER;
 /// Most plaintext one TLS record carries.
 const TLS_RECORD: usize = 16 * 1024;
 /// An HTTP/2 frame header.
