@@ -302,7 +302,7 @@ thread_local! {
     /// connection, so an idle connection holds none. A small read is copied out and the buffer
     /// is reused; a large one takes the buffer with it (no copy) and the next read allocates
     /// another. Request/response traffic thus allocates only the bytes it carries, where a
-    /// fresh 128 KiB buffer per read cost a large allocation and free for every message.
+    /// fresh 128 KiB buffer per read (the read size then) cost a large allocation and free for every message.
     static READ_BUFFER: RefCell<BytesMut> = RefCell::new(BytesMut::new());
 }
 
