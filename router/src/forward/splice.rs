@@ -26,20 +26,10 @@ use tokio_util::sync::CancellationToken;
 use crate::link::transport::{RecvStream, SendStream};
 use crate::metrics::Tally;
 
-/// Largest read from a TCP socket. The size leaves room for the 9-byte HTTP/2 frame header
-/// that carries the chunk over a TLS link, so that a full read fills exactly three 16 KiB TLS
-/// records (a 9-byte record left behind costs its own encryption and `writev`). Three records,
-/// about 48 KiB on the wire, fit in one 64 KiB TCP segment as the kernel hands it to the
-/// device (loopback's MTU, and the GSO/TSO limit on a NIC). Eight records (128 KiB) made three
-/// segments of one write, the last a few hundred bytes long, and each such runt cost a wake-up
-/// and a partial record at the receiving router: 3 records instead of 8 cut the routers' CPU
-/// per GB carried by a sixth and raised a single stream's throughput by as much
-/// (docs/performance.md).
-pub(crate) const READ_CHUNK: usize = 3 * TLS_RECORD - HTTP2_FRAME_HEADER;
-/// Most plaintext one TLS record carries.
-const TLS_RECORD: usize = 16 * 1024;
-/// An HTTP/2 frame header.
-const HTTP2_FRAME_HEADER: usize = 9;
+/// Largest read from a TCP socket between two TCP connections (a listener served by this
+/// site's own connector). A 48 KiB write fits in one 64 KiB TCP segment; reads towards a link
+/// take what the link's transport carries best ([`SendStream::chunk_size`]).
+const TCP_TO_TCP_CHUNK: usize = 48 * 1024;
 
 /// How a carried connection ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,9 +99,10 @@ pub(crate) async fn tcp_stream<S: SendStream, R: RecvStream>(
     let (mut up_n, mut down_n) = (0u64, 0u64);
     let result = {
         let (mut rd, mut wr) = tcp.split();
+        let chunk_size = send.chunk_size();
         let up = async {
             loop {
-                match read_chunk(&mut rd).await {
+                match read_chunk(&mut rd, chunk_size).await {
                     Ok(None) => return send.finish().map_err(|e| e.to_string()),
                     Ok(Some(chunk)) => {
                         up_n += chunk.len() as u64;
@@ -277,7 +268,7 @@ async fn copy_tcp(
     side: &str,
 ) -> Result<(), String> {
     loop {
-        match read_chunk(from).await {
+        match read_chunk(from, TCP_TO_TCP_CHUNK).await {
             Ok(None) => {
                 let _ = to.shutdown().await;
                 return Ok(());
@@ -302,25 +293,29 @@ thread_local! {
     /// connection, so an idle connection holds none. A small read is copied out and the buffer
     /// is reused; a large one takes the buffer with it (no copy) and the next read allocates
     /// another. Request/response traffic thus allocates only the bytes it carries, where a
-    /// fresh 128 KiB buffer per read (the read size then) cost a large allocation and free for every message.
+    /// fresh 128 KiB buffer per read (the read size then) cost a large allocation and free for
+    /// every message.
     static READ_BUFFER: RefCell<BytesMut> = RefCell::new(BytesMut::new());
 }
 
-/// Reads what `from` has, up to [`READ_CHUNK`]; `None` at its end (see [`READ_BUFFER`] for
+/// Reads what `from` has, up to `limit` bytes; `None` at its end (see [`READ_BUFFER`] for
 /// where the bytes land).
 ///
 /// The read itself goes through `poll_read`, not `try_read`: a read that returns less than
 /// asked tells tokio the socket is drained, where `try_read` leaves it marked readable, so the
 /// next call made one more `recvfrom` only to get `EAGAIN` — a wasted system call per message
 /// in request/response traffic.
-async fn read_chunk(from: &mut tokio::net::tcp::ReadHalf<'_>) -> std::io::Result<Option<Bytes>> {
+async fn read_chunk(
+    from: &mut tokio::net::tcp::ReadHalf<'_>,
+    limit: usize,
+) -> std::io::Result<Option<Bytes>> {
     poll_fn(|cx| {
         READ_BUFFER.with_borrow_mut(|buf| {
-            if buf.capacity() < READ_CHUNK {
-                buf.reserve(READ_CHUNK);
+            if buf.capacity() < limit {
+                buf.reserve(limit);
             }
-            // At most READ_CHUNK, whatever the allocator rounded the capacity up to.
-            let room = &mut (&mut *buf).limit(READ_CHUNK);
+            // At most `limit`, whatever the allocator rounded the capacity up to.
+            let room = &mut (&mut *buf).limit(limit);
             let n = ready!(tokio_util::io::poll_read_buf(
                 Pin::new(&mut *from),
                 cx,
@@ -361,29 +356,30 @@ mod tests {
 
     #[tokio::test]
     async fn small_reads_reuse_the_read_buffer_and_large_ones_take_it_whole() {
+        const LIMIT: usize = TCP_TO_TCP_CHUNK;
         let (mut writer, mut reader) = connected().await;
         let (mut from, _) = reader.split();
 
         writer.write_all(&[7; 64]).await.unwrap();
         let mut small = Vec::new();
         while small.len() < 64 {
-            small.extend_from_slice(&read_chunk(&mut from).await.unwrap().unwrap());
+            small.extend_from_slice(&read_chunk(&mut from, LIMIT).await.unwrap().unwrap());
         }
         assert_eq!(small, [7; 64]);
         // The bytes were copied out; the buffer stays with the thread, empty, for the next read.
         let (len, capacity) = READ_BUFFER.with_borrow(|b| (b.len(), b.capacity()));
         assert_eq!(len, 0);
-        assert!(capacity >= READ_CHUNK);
+        assert!(capacity >= LIMIT);
 
-        let total = 4 * READ_CHUNK;
+        let total = 4 * LIMIT;
         let sending = tokio::spawn(async move {
             writer.write_all(&vec![9; total]).await.unwrap();
             writer.shutdown().await.unwrap();
             writer
         });
         let mut received = 0;
-        while let Some(chunk) = read_chunk(&mut from).await.unwrap() {
-            assert!(chunk.len() <= READ_CHUNK, "a read is at most READ_CHUNK");
+        while let Some(chunk) = read_chunk(&mut from, LIMIT).await.unwrap() {
+            assert!(chunk.len() <= LIMIT, "a read is at most its limit");
             assert!(chunk.iter().all(|&b| b == 9));
             if chunk.len() >= SMALL_CHUNK {
                 // Handed on without a copy: the thread's buffer went with the chunk.

@@ -208,6 +208,13 @@ impl SendStream for AnySend {
             AnySend::Quic(s) => s.delivered().await,
         }
     }
+
+    fn chunk_size(&self) -> usize {
+        match self {
+            AnySend::Tls(s) => s.chunk_size(),
+            AnySend::Quic(s) => s.chunk_size(),
+        }
+    }
 }
 
 impl RecvStream for AnyRecv {

@@ -70,6 +70,11 @@ pub fn transport_config(max_streams: u32) -> Arc<quinn::TransportConfig> {
 const SOCKET_BUFFER: usize = 8 * 1024 * 1024;
 /// Below this the daemon warns that the kernel capped the buffers.
 const SOCKET_BUFFER_WARN: usize = 1024 * 1024;
+/// Most bytes of a carried connection one stream write takes ([`SendStream::chunk_size`]).
+/// quinn cuts writes into packets itself, so no boundary matters, and it takes large writes
+/// best: with 48 KiB (what suits TLS links) a single stream carried 8 % less at 10 % more CPU
+/// per GB than with 128 KiB.
+const SEND_CHUNK: usize = 128 * 1024;
 
 /// Asks for large kernel buffers on a QUIC socket; warns (once per process) when the kernel's
 /// `net.core.rmem_max` / `wmem_max` cap them, with the command that raises the cap.
@@ -254,6 +259,10 @@ impl SendStream for QuicSend {
     fn reset(&mut self) {
         self.done = true;
         let _ = self.inner.reset(RESET_CODE);
+    }
+
+    fn chunk_size(&self) -> usize {
+        SEND_CHUNK
     }
 
     async fn delivered(&mut self) {

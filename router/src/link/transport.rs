@@ -36,6 +36,9 @@ pub trait SendStream: Send + 'static {
     /// its links (a drained site stopping) must not cut the tail of a finished connection.
     /// Callers bound the wait.
     fn delivered(&mut self) -> impl Future<Output = ()> + Send;
+    /// How many bytes of a carried connection to read for one [`SendStream::send`]: what this
+    /// transport carries best in one piece.
+    fn chunk_size(&self) -> usize;
 }
 
 /// The receiving half of a stream.
