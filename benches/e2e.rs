@@ -491,6 +491,23 @@ fn busy_seconds(ticks: f64) -> f64 {
     busy / ticks
 }
 
+/// Clock ticks all CPUs spent idle (idle and iowait), and in all, since boot.
+fn idle_and_total_ticks() -> (u64, u64) {
+    let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(cpu) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return (0, 0);
+    };
+    // user nice system idle iowait irq softirq steal (guest time is counted in user)
+    let values: Vec<u64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let idle = values.iter().skip(3).take(2).sum();
+    (idle, values.iter().sum())
+}
+
 /// CPU time of this process, its reaped children (iperf3 clients), the route's processes and
 /// the backends, in seconds.
 fn own_cpu(lab: &Lab, route: &Route) -> f64 {
@@ -749,6 +766,9 @@ struct Rate {
     first_error: Option<String>,
     /// CPU time of the tunnel processes per completed connection.
     tunnel_cpu_us_per_connection: Option<f64>,
+    /// Share of the machine's CPU time that was idle during the run (0 to 1): what a route
+    /// whose processes wait on each other leaves unused.
+    machine_idle: f64,
 }
 
 async fn connection_rate(
@@ -1622,12 +1642,16 @@ fn memory(lab: &Lab, route: &Route, count: usize) -> Result<Memory> {
 fn rate(lab: &Lab, route: &Route, clients: usize) -> Result<Rate> {
     let addr: SocketAddr = ([127, 0, 0, 1], route.echo).into();
     let cpu_before = cpu_of(&route.pids, lab.ticks);
+    let (idle_before, total_before) = idle_and_total_ticks();
     let (completed, failed, first_error, elapsed) = lab.rt.block_on(connection_rate(
         addr,
         clients,
         Duration::from_secs(RATE_SECS),
     ));
     let cpu = cpu_of(&route.pids, lab.ticks) - cpu_before;
+    let (idle_after, total_after) = idle_and_total_ticks();
+    let machine_idle =
+        (idle_after - idle_before) as f64 / (total_after - total_before).max(1) as f64;
     if completed == 0 {
         bail!("no connection completed: {first_error:?}");
     }
@@ -1638,6 +1662,7 @@ fn rate(lab: &Lab, route: &Route, clients: usize) -> Result<Rate> {
         first_error,
         tunnel_cpu_us_per_connection: (!route.pids.is_empty())
             .then(|| cpu * 1e6 / completed as f64),
+        machine_idle,
     })
 }
 
@@ -1885,8 +1910,10 @@ fn measure(lab: &mut Lab, mut route: Route, idle: usize) -> Measured {
         let result = keep(&mut m, &what, result);
         if let Some(r) = &result {
             eprintln!(
-                "    {:.0} connections/s ({} failed)",
-                r.per_second, r.failed
+                "    {:.0} connections/s ({} failed), machine {:.0} % idle",
+                r.per_second,
+                r.failed,
+                r.machine_idle * 100.0
             );
         }
         if clients == RATE_CLIENTS[0] {
