@@ -20,8 +20,8 @@
 //! Measured per route: bulk throughput with 1 and 8 streams (iperf3), connection rate (connect,
 //! 64-byte request and response, close) with 8 and with 64 concurrent clients, round-trip
 //! latency of 64-byte messages on one connection, and the memory (RSS) of the tunnel processes
-//! holding 10,000 idle carried connections, plus the CPU time the tunnel processes spend. The
-//! results are printed as one Markdown table with ratios and written to `bench-results.json` at
+//! holding 10,000 idle carried connections, plus the CPU time the tunnel processes spend (and,
+//! in the rate runs, how much of the machine stood idle). The results are printed as one Markdown table with ratios and written to `bench-results.json` at
 //! the workspace root.
 //!
 //! Last, the skiff TLS route runs again with both sites under callgrind, which counts the
