@@ -21,8 +21,8 @@
 //! 64-byte request and response, close) with 8 and with 64 concurrent clients, round-trip
 //! latency of 64-byte messages on one connection, and the memory (RSS) of the tunnel processes
 //! holding 10,000 idle carried connections, plus the CPU time the tunnel processes spend (and,
-//! in the rate runs, how much of the machine stood idle). The results are printed as one Markdown table with ratios and written to `bench-results.json` at
-//! the workspace root.
+//! in the rate runs, how much of the machine stood idle). The results are printed as one
+//! Markdown table with ratios and written to `bench-results.json` at the workspace root.
 //!
 //! Last, the skiff TLS route runs again with both sites under callgrind, which counts the
 //! instructions each router executes in user space per carried connection and per 64-byte
@@ -469,43 +469,28 @@ fn udp_receive_buffer_errors() -> u64 {
         .unwrap_or(0)
 }
 
-/// CPU time all CPUs spent busy (not idle or waiting for I/O) since boot, in seconds.
-fn busy_seconds(ticks: f64) -> f64 {
+/// The machine's CPU time since boot, in clock ticks, as the `cpu` line of /proc/stat gives
+/// it: user, nice, system, idle, iowait, irq, softirq, steal (guest time is counted in user).
+fn cpu_ticks() -> [u64; 8] {
+    let mut ticks = [0; 8];
     let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
-    let Some(cpu) = stat.lines().find(|l| l.starts_with("cpu ")) else {
-        return 0.0;
-    };
-    let values: Vec<f64> = cpu
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    // user nice system idle iowait irq softirq steal
-    let busy: f64 = values
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| *i != 3 && *i != 4)
-        .take(6)
-        .map(|(_, v)| v)
-        .sum();
-    busy / ticks
+    if let Some(cpu) = stat.lines().find(|l| l.starts_with("cpu ")) {
+        for (t, v) in ticks.iter_mut().zip(cpu.split_whitespace().skip(1)) {
+            *t = v.parse().unwrap_or(0);
+        }
+    }
+    ticks
 }
 
-/// Clock ticks all CPUs spent idle (idle and iowait), and in all, since boot.
-fn idle_and_total_ticks() -> (u64, u64) {
-    let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
-    let Some(cpu) = stat.lines().find(|l| l.starts_with("cpu ")) else {
-        return (0, 0);
-    };
-    // user nice system idle iowait irq softirq steal (guest time is counted in user)
-    let values: Vec<u64> = cpu
-        .split_whitespace()
-        .skip(1)
-        .take(8)
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    let idle = values.iter().skip(3).take(2).sum();
-    (idle, values.iter().sum())
+/// Of [`cpu_ticks`]: the ticks spent idle (idle and iowait), and all of them.
+fn idle_and_total(ticks: &[u64; 8]) -> (u64, u64) {
+    (ticks[3] + ticks[4], ticks.iter().sum())
+}
+
+/// CPU time all CPUs spent busy (not idle or waiting for I/O) since boot, in seconds.
+fn busy_seconds(ticks_per_second: f64) -> f64 {
+    let (idle, total) = idle_and_total(&cpu_ticks());
+    (total - idle) as f64 / ticks_per_second
 }
 
 /// CPU time of this process, its reaped children (iperf3 clients), the route's processes and
@@ -1642,14 +1627,14 @@ fn memory(lab: &Lab, route: &Route, count: usize) -> Result<Memory> {
 fn rate(lab: &Lab, route: &Route, clients: usize) -> Result<Rate> {
     let addr: SocketAddr = ([127, 0, 0, 1], route.echo).into();
     let cpu_before = cpu_of(&route.pids, lab.ticks);
-    let (idle_before, total_before) = idle_and_total_ticks();
+    let (idle_before, total_before) = idle_and_total(&cpu_ticks());
     let (completed, failed, first_error, elapsed) = lab.rt.block_on(connection_rate(
         addr,
         clients,
         Duration::from_secs(RATE_SECS),
     ));
     let cpu = cpu_of(&route.pids, lab.ticks) - cpu_before;
-    let (idle_after, total_after) = idle_and_total_ticks();
+    let (idle_after, total_after) = idle_and_total(&cpu_ticks());
     let machine_idle =
         (idle_after - idle_before) as f64 / (total_after - total_before).max(1) as f64;
     if completed == 0 {
