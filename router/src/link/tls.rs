@@ -775,6 +775,42 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_full_chunk_is_one_frame_of_three_whole_records_within_one_segment() {
+        // TLS 1.3 adds a 5-byte header, the content type and a 16-byte tag to each record;
+        // loopback's largest TCP segment carries 65,483 bytes (a NIC's GSO/TSO about as many).
+        const RECORD_OVERHEAD: usize = 5 + 1 + 16;
+        const SEGMENT: usize = 65_483;
+        let frame = SEND_CHUNK + HTTP2_FRAME_HEADER;
+        assert_eq!(
+            frame % TLS_RECORD,
+            0,
+            "a full chunk's frame fills whole records"
+        );
+        let records = frame / TLS_RECORD;
+        assert!(frame + records * RECORD_OVERHEAD <= SEGMENT);
+
+        let (a, b) = pair().await;
+        let (mut s1, _r1) = a.open().await.unwrap();
+        assert_eq!(s1.chunk_size(), SEND_CHUNK);
+        s1.send(Bytes::from_static(b"x")).await.unwrap();
+        let (_s2, mut r2) = b.accept().await.unwrap();
+        assert_eq!(r2.recv().await.unwrap().unwrap(), &b"x"[..]);
+        let before = b.received();
+        s1.send(Bytes::from(vec![7u8; SEND_CHUNK])).await.unwrap();
+        let chunk = r2.recv().await.unwrap().unwrap();
+        assert_eq!(
+            chunk.len(),
+            SEND_CHUNK,
+            "the chunk arrives whole, in one DATA frame"
+        );
+        assert_eq!(
+            b.received() - before,
+            frame as u64,
+            "one frame header, nothing else"
+        );
+    }
+
+    #[tokio::test]
     async fn a_slow_reader_bounds_what_the_sender_buffers() {
         let (a, b) = pair().await;
         let (mut s1, _r1) = a.open().await.unwrap();
