@@ -776,6 +776,19 @@ fn a_link_over_its_stream_limit_refuses_streams() {
         let outcome = backend.runtime.block_on(task).unwrap();
         assert_eq!(outcome.verdict, Verdict::Completed, "{outcome:?}");
     }
+    // A client's end is not yet b's: over QUIC, b's side of a finished stream waits for a's
+    // acknowledgement of its last bytes before the stream lets go of its place on the link.
+    wait_for(
+        "b to let go of the finished streams",
+        Duration::from_secs(15),
+        &sites,
+        || {
+            let n = sample(b_metrics, "skiff_link_streams_active{peer_site=\"a\"}");
+            (n == 0)
+                .then_some(())
+                .ok_or(format!("{n} streams still open"))
+        },
+    );
     let outcome = backend
         .runtime
         .block_on(exchange(addr, slow(300), Duration::from_secs(30)));
