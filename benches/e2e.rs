@@ -8,14 +8,17 @@
 //! - `stunnel mTLS`: a stunnel client/server pair, mutual TLS 1.3;
 //! - `haproxy mTLS`: a haproxy pair, mutual TLS 1.3 between them;
 //! - `haproxy plain`: a haproxy pair without TLS (two user-space hops, no crypto);
-//! - `skiff TLS` / `skiff QUIC`: two skiff sites (separate processes), listener in one,
-//!   connectors in the other, linked over TLS (HTTP/2) or QUIC;
+//! - `skiff TLS` / `skiff QUIC`: two skiff sites (separate processes, each with its default of
+//!   a shard per CPU), listener in one, connectors in the other, linked over TLS (HTTP/2) or
+//!   QUIC;
 //! - `skiff TLS 2-hop` / `skiff QUIC 2-hop`: three sites dev → stg → prod, listener in dev,
 //!   connectors in prod;
 //! - `haproxy mTLS 2-hop`: the haproxy mTLS pair with a third haproxy relaying between them
 //!   (mutual TLS on both sides), for what a second TLS hop costs a peer on the same machine;
 //! - `skiff TLS busy-poll` / `skiff QUIC busy-poll`: the one-hop routes with both sites run
-//!   with `--threads 1 --busy-poll 200us`, which trades CPU time for latency.
+//!   with `--threads 1 --busy-poll 200us`, which trades CPU time for latency;
+//! - `skiff TLS one thread`: the TLS route with both sites run with `--threads 1`, one thread
+//!   and no further shards, to compare with the default of a shard per CPU.
 //!
 //! Measured per route: bulk throughput with 1 and 8 streams (iperf3), connection rate (connect,
 //! 64-byte request and response, close) with 8 and with 64 concurrent clients, round-trip
@@ -112,6 +115,7 @@ const SKIFF_TLS_BUSY: &str = "skiff TLS busy-poll";
 const SKIFF_QUIC_BUSY: &str = "skiff QUIC busy-poll";
 /// What the busy-poll routes add to `site run`.
 const BUSY_POLL_ARGS: [&str; 4] = ["--threads", "1", "--busy-poll", "200us"];
+const SKIFF_TLS_ONE: &str = "skiff TLS one thread";
 /// Not a route of the table: the skiff TLS route run again under callgrind.
 const INSTRUCTIONS: &str = "skiff TLS instructions";
 const PEERS: [&str; 3] = [STUNNEL, HAPROXY_TLS, HAPROXY_PLAIN];
@@ -1680,7 +1684,15 @@ struct Instructions {
 fn instructions(lab: &mut Lab, valgrind: &str) -> Result<Instructions> {
     const LABEL: &str = "skiff TLS under callgrind";
     let sites = ["dev", "stg"];
-    let route = skiff_route(lab, LABEL, "tls", &sites, &[], Some(valgrind))?;
+    // One thread, as before sites had a shard per CPU, so that counts compare across builds.
+    let route = skiff_route(
+        lab,
+        LABEL,
+        "tls",
+        &sites,
+        &["--threads", "1"],
+        Some(valgrind),
+    )?;
     let dir = lab.sub(LABEL)?;
     let addr: SocketAddr = ([127, 0, 0, 1], route.echo).into();
     let (Some(listener_side), Some(connector_side)) = (route.client_side, route.server_side) else {
@@ -2125,6 +2137,12 @@ fn build_rows(results: &[Measured]) -> Vec<Row> {
         let routes = [None, Some(SKIFF_TLS_BUSY), Some(SKIFF_QUIC_BUSY)];
         variant(routes, "busy-poll: ", i)
     });
+    // Throughput with 1 and 8 streams and its CPU, connections per second and their CPU (8
+    // and 64 clients), RTT p50 and p99.
+    let one_thread = [0, 1, 2, 4, 5, 6, 7, 8, 9].map(|i| {
+        let routes = [None, Some(SKIFF_TLS_ONE), None];
+        variant(routes, "one thread: ", i)
+    });
     // 2-hop ÷ 1-hop, in the skiff columns and haproxy mTLS's.
     let hop_ratio = |label: &str, two: &Row, one: &Row| Row {
         label: label.to_string(),
@@ -2146,6 +2164,7 @@ fn build_rows(results: &[Measured]) -> Vec<Row> {
     rows.push(ratio_1);
     rows.push(ratio_8);
     rows.extend(busy);
+    rows.extend(one_thread);
     rows
 }
 
@@ -2444,6 +2463,14 @@ fn run() -> Result<()> {
             Box::new(|lab: &mut Lab| {
                 let names = ["dev", "stg"];
                 skiff_route(lab, SKIFF_QUIC_BUSY, "quic", &names, &BUSY_POLL_ARGS, None)
+            }),
+        ),
+        (
+            SKIFF_TLS_ONE,
+            0,
+            Box::new(|lab: &mut Lab| {
+                let names = ["dev", "stg"];
+                skiff_route(lab, SKIFF_TLS_ONE, "tls", &names, &["--threads", "1"], None)
             }),
         ),
     ];

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod cli;
+mod shard;
 mod spin;
 
 use std::process::ExitCode;
@@ -22,9 +23,10 @@ fn main() -> ExitCode {
     let args = cli::Args::parse();
     let json_logs = args.log_format == cli::LogFormat::Json;
     let recent_logs = cli::init_logging(&args);
-    let busy_poll = match args.busy_poll() {
-        Ok(window) => window,
-        Err(e) => {
+    let mut args = args;
+    let (busy_poll, shards) = match (args.busy_poll(), args.shards()) {
+        (Ok(window), Ok(shards)) => (window, shards),
+        (Err(e), _) | (_, Err(e)) => {
             eprintln!("error: {e}");
             return ExitCode::FAILURE;
         }
@@ -48,12 +50,28 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(async move {
+    let mut further = Vec::new();
+    for index in 1..shards {
+        match shard::Shard::start(index, busy_poll) {
+            Ok(shard) => further.push(shard),
+            Err(e) => {
+                eprintln!("error: cannot start shard {}: {e}", index + 1);
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    args.set_shard_runtimes(further.iter().map(shard::Shard::handle).collect());
+    let outcome = runtime.block_on(async move {
         if !busy_poll.is_zero() {
             tokio::spawn(spin::spinner());
         }
         cli::run(args, recent_logs).await
-    }) {
+    });
+    // The site has stopped: what is left on the shards goes with them.
+    for shard in further {
+        shard.stop();
+    }
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             if json_logs {

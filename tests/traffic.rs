@@ -1422,6 +1422,100 @@ fn busy_polling_sites_carry_traffic_and_rest_when_idle() {
     }
 }
 
+/// Sockets of this network namespace in TCP state `state` (`0A` listening, `01` established)
+/// whose local (or, with `remote`, remote) port is `port`, from /proc/net/tcp and tcp6.
+fn tcp_sockets(port: u16, state: &str, remote: bool) -> usize {
+    let column = if remote { 2 } else { 1 };
+    let port = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|path| std::fs::read_to_string(path).ok())
+        .flat_map(|table| {
+            table
+                .lines()
+                .skip(1)
+                .map(|line| {
+                    line.split_whitespace()
+                        .map(str::to_string)
+                        .collect::<Vec<_>>()
+                })
+                .collect::<Vec<_>>()
+        })
+        .filter(|f| f.len() > 3 && f[column].ends_with(&port) && f[3] == state)
+        .count()
+}
+
+/// Sites of three and two shards (`--shards`): every shard accepts on every listener's port,
+/// connections whichever shard takes them arrive whole in both directions, and over TLS the
+/// link gets one lane, as the acceptor has a shard for one and refuses the second.
+fn sharded_sites_carry_traffic_on_every_shard() {
+    const CLIENTS: u64 = 8;
+    const EACH: u64 = 25;
+    let backends = Backends::new();
+    let echo = backends.start(Behaviour::Echo);
+    let start = |name: &str, shards: &str| {
+        let mut site = Site::init(name, &[]);
+        site.run_args = ["--threads", "1", "--shards", shards]
+            .map(String::from)
+            .to_vec();
+        site.run();
+        site
+    };
+    let a = start("a", "3");
+    let b = start("b", "2");
+    a.link_to(&b);
+    connector(&b, "to-b", "echo-b", echo.port);
+    connector(&a, "to-a", "echo-a", echo.port);
+    let to_b = listener(&a, "to-b", "balanced");
+    let to_a = listener(&b, "to-a", "balanced");
+    wait_targets(&a, "to-b", &["b"], &[&a, &b]);
+    wait_targets(&b, "to-a", &["a"], &[&a, &b]);
+    wait_for(
+        "a socket per shard on each listener's port",
+        ROUTE_TIMEOUT,
+        &[&a, &b],
+        || match (
+            tcp_sockets(to_b, "0A", false),
+            tcp_sockets(to_a, "0A", false),
+        ) {
+            (3, 2) => Ok(()),
+            other => Err(format!("listening sockets (a, b): {other:?}")),
+        },
+    );
+    if common::transport() == "tls" {
+        wait_for("a's lanes", ROUTE_TIMEOUT, &[&a, &b], || {
+            let logs = a.logs();
+            let line = logs.lines().find(|l| l.contains("link lanes up"));
+            match line {
+                Some(l) if l.ends_with("lanes=1") => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        });
+        // The first pair and one lane: four connections from a to b's link port.
+        assert_eq!(tcp_sockets(b.port, "01", true), 4, "{}", report(&[&a, &b]));
+    }
+    // The kernel spreads new connections over the shards' sockets by their addresses: with
+    // hundreds, every shard takes some.
+    std::thread::scope(|scope| {
+        for client in 0..CLIENTS {
+            let sites = [&a, &b];
+            scope.spawn(move || {
+                for i in 0..EACH {
+                    for port in [to_b, to_a] {
+                        let msg = message(client * 1000 + i, 1000);
+                        echo_round_trip(port, &msg).unwrap_or_else(|e| {
+                            panic!(
+                                "client {client}, connection {i} to {port}: {e}\n{}",
+                                report(&sites)
+                            )
+                        });
+                    }
+                }
+            });
+        }
+    });
+}
+
 // Every scenario runs once over TLS links and once over QUIC links.
 on_every_transport!(
     gigabyte_over_two_hops_arrives_intact,
@@ -1438,4 +1532,5 @@ on_every_transport!(
     stalled_readers_do_not_freeze_the_link,
     round_robin_takes_every_site_in_turn,
     busy_polling_sites_carry_traffic_and_rest_when_idle,
+    sharded_sites_carry_traffic_on_every_shard,
 );

@@ -167,6 +167,8 @@ pub struct RunOptions {
     pub drain_timeout: Duration,
     /// What the link port and each link accept.
     pub limits: Limits,
+    /// The runtimes of the router's further shards (see `skiff_router::shard`); empty: one.
+    pub shards: Vec<tokio::runtime::Handle>,
 }
 
 impl Default for RunOptions {
@@ -177,6 +179,7 @@ impl Default for RunOptions {
             drain: None,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             limits: Limits::default(),
+            shards: Vec::new(),
         }
     }
 }
@@ -355,6 +358,7 @@ impl Site {
         router_config.handshake_timeout = options.limits.handshake_timeout;
         router_config.max_handshakes = options.limits.max_handshakes;
         router_config.max_link_streams = options.limits.max_link_streams;
+        router_config.shards = options.shards.clone();
         let router = Router::new(
             router_config,
             core.clone(),
@@ -452,11 +456,16 @@ impl Site {
         }
     }
 
+    /// Whether the router runs several shards, each accepting on every listener's port.
+    fn sharded(&self) -> bool {
+        self.router.config().shard_count() > 1
+    }
+
     /// Binds every stored listener; one that cannot be bound is reported, not fatal.
     async fn start_listeners(&self) {
         let records = self.core.lock().listeners.clone();
         for record in records {
-            match bind_listener(&record).await {
+            match bind_listener(&record, self.sharded()).await {
                 Ok(socket) => self.router.add_listener(listener_config(&record), socket),
                 Err(e) => {
                     tracing::error!(listener = %record.name, error = %e, "listener not started");
@@ -577,7 +586,7 @@ impl Site {
             port: req.port,
             strategy,
         };
-        let socket = match bind_listener(&record).await {
+        let socket = match bind_listener(&record, self.sharded()).await {
             Ok(socket) => socket,
             Err(e) => return admin::error(StatusCode::CONFLICT, e),
         };
@@ -1733,12 +1742,9 @@ impl crate::http::Endpoints for Site {
     }
 }
 
-/// Accept queue of a listener's socket (the kernel caps it at `net.core.somaxconn`). The
-/// default of std and tokio, 128, overflowed under bursts of new connections in the load run
-/// (tests/load.rs): the kernel then drops SYNs, and each costs its client a second or more.
-const LISTEN_BACKLOG: u32 = 4096;
-
-async fn bind_listener(record: &ListenerRecord) -> Result<TcpListener, String> {
+/// Binds a listener's socket; `shared` (a router with several shards) with `SO_REUSEPORT`, so
+/// that each shard can bind one of its own to the same port.
+async fn bind_listener(record: &ListenerRecord, shared: bool) -> Result<TcpListener, String> {
     let fail = |e: std::io::Error| {
         format!(
             "cannot listen on {}:{} for listener {} ({e}); pick another --port or stop what \
@@ -1751,16 +1757,30 @@ async fn bind_listener(record: &ListenerRecord) -> Result<TcpListener, String> {
         .await
         .map_err(fail)?
     {
-        let socket = if addr.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()
-        } else {
-            tokio::net::TcpSocket::new_v6()
-        };
-        let bound = socket.and_then(|socket| {
+        let socket = || {
+            let socket = if addr.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
             // As std and tokio do for listeners: a restarted site rebinds at once.
             socket.set_reuseaddr(true)?;
-            socket.bind(addr)?;
-            socket.listen(LISTEN_BACKLOG)
+            Ok::<_, std::io::Error>(socket)
+        };
+        let bound = socket().and_then(|listener| {
+            let mut addr = addr;
+            if shared {
+                // With SO_REUSEPORT this socket would join one that another listener holds (of
+                // this site, or of any process of this user) and take a share of its
+                // connections. A socket without it is refused a port in use: try that first.
+                let probe = socket()?;
+                probe.bind(addr)?;
+                addr = probe.local_addr()?;
+                drop(probe);
+                listener.set_reuseport(true)?;
+            }
+            listener.bind(addr)?;
+            listener.listen(skiff_router::forward::LISTEN_BACKLOG)
         });
         match bound {
             Ok(listener) => return Ok(listener),

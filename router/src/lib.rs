@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod proto;
 pub mod reject;
 mod routing;
+pub mod shard;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -98,6 +99,10 @@ pub struct Config {
     /// Log one line per closed carried connection of this site's listeners (target
     /// `skiff::access`).
     pub access_log: bool,
+    /// The runtimes of shards 1, 2, … ([`shard`]): each a one-thread runtime whose thread
+    /// called [`shard::enter`] with its index. Empty (the default): the router carries
+    /// everything on the runtime it runs on.
+    pub shards: Vec<tokio::runtime::Handle>,
 }
 
 impl Config {
@@ -118,7 +123,13 @@ impl Config {
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(2),
             access_log: true,
+            shards: Vec::new(),
         }
+    }
+
+    /// How many shards carry traffic: shard 0 and [`Config::shards`].
+    pub fn shard_count(&self) -> usize {
+        1 + self.shards.len()
     }
 }
 
@@ -257,6 +268,10 @@ pub(crate) struct Inner {
     pub(crate) pending: Mutex<link::accept::Pending>,
     pub(crate) changed: watch::Sender<u64>,
     pub(crate) shutdown: CancellationToken,
+    /// By shard: a token that fires with `shutdown`, for what each shard's carried connections
+    /// wait on. Every waiter registers with its token, under the token's lock: one per shard
+    /// keeps the shards from contending for it.
+    stops: Vec<CancellationToken>,
     /// Link-state database and this site's advertisement sequence.
     pub(crate) routing: Mutex<routing::Routing>,
     /// Every advertisement held, for the sessions to flood.
@@ -319,6 +334,7 @@ impl Router {
         metrics: Metrics,
     ) -> Self {
         let own = config.site_id;
+        let config_shards = config.shard_count();
         let inner = Arc::new(Inner {
             routing: Mutex::new(routing::Routing::new(own)),
             adverts: watch::channel(Arc::new(Vec::new())).0,
@@ -341,6 +357,12 @@ impl Router {
             links: Mutex::new(Links::default()),
             pending: Mutex::new(link::accept::Pending::default()),
             changed: watch::channel(0).0,
+            stops: (0..config_shards)
+                .map(|shard| match shard {
+                    0 => shutdown.clone(),
+                    _ => shutdown.child_token(),
+                })
+                .collect(),
             shutdown,
         });
         inner.reoriginate();
@@ -364,6 +386,11 @@ impl Router {
 
     /// Starts serving a listener on an already bound socket. Replaces a listener of the same
     /// name. A draining router closes the socket instead.
+    ///
+    /// With several shards, each further shard accepts on a socket of its own bound to the
+    /// same address, and the kernel spreads new connections over them: `listener` must have
+    /// been bound with `SO_REUSEPORT` then. A shard that cannot bind leaves its share to the
+    /// others (and says so).
     pub fn add_listener(&self, config: ListenerConfig, listener: tokio::net::TcpListener) {
         if self.is_draining() {
             tracing::warn!(listener = %config.name, "site is draining; listener not started");
@@ -378,6 +405,22 @@ impl Router {
             .insert(config.name.clone(), cancel.clone());
         if let Some(previous) = previous {
             previous.cancel();
+        }
+        if let Ok(addr) = listener.local_addr() {
+            for (index, runtime) in self.inner.config.shards.iter().enumerate() {
+                let (inner, config, cancel) = (self.inner.clone(), config.clone(), cancel.clone());
+                runtime.spawn(async move {
+                    match forward::bind_shard_listener(addr) {
+                        Ok(listener) => {
+                            forward::run_listener(inner, config, listener, cancel).await
+                        }
+                        Err(e) => tracing::warn!(
+                            listener = %config.name, shard = index + 1, error = %e,
+                            "this shard cannot accept on the listener's port; the others do"
+                        ),
+                    }
+                });
+            }
         }
         tokio::spawn(forward::run_listener(
             self.inner.clone(),
@@ -623,6 +666,11 @@ pub fn endpoint_host(endpoint: &str) -> &str {
 }
 
 impl Inner {
+    /// The token that fires when the router stops, for the shard the caller runs on.
+    pub(crate) fn stop(&self) -> &CancellationToken {
+        self.stops.get(shard::current()).unwrap_or(&self.shutdown)
+    }
+
     pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, Links> {
         // A panic while holding this lock is a bug elsewhere; the table itself stays consistent
         // (every update is a single insert/remove/assign), so keep serving it.

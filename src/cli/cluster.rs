@@ -410,6 +410,8 @@ pub async fn run(
             limits,
             threads: _,
             busy_poll: _,
+            shards: _,
+            shard_runtimes,
         }) => {
             let options = skiff_control::site::RunOptions {
                 access_log: !no_access_log,
@@ -417,6 +419,7 @@ pub async fn run(
                 drain: None,
                 drain_timeout: *drain_timeout,
                 limits: limits.limits(),
+                shards: shard_runtimes.clone(),
             };
             return run_controller(
                 namespace,

@@ -93,17 +93,15 @@ pub enum Threads {
 }
 
 impl Args {
-    /// The runtime the command wants. A site daemon gets `--threads` (default: half the CPUs
-    /// it may use, at least one — on two cores one thread carries a fifth more than two,
-    /// because the second costs more in cross-thread wake-ups than it adds; see
+    /// The runtime the command wants (of each shard, for a site daemon: see [`Args::shards`]).
+    /// A site daemon gets one thread unless `--threads` asks for a pool: on two cores one
+    /// thread carries a fifth more than a pool of two, because the second costs more in
+    /// cross-thread wake-ups than it adds, and shards use more cores without them (see
     /// docs/performance.md). The demo runs three sites and keeps a pool; client commands make
     /// one request and need no pool.
     pub fn threads(&self) -> Threads {
         let wanted = match &self.command {
-            Command::Site(site::SiteCommand::Run { threads, .. }) => match threads {
-                Some(n) => usize::from(*n),
-                None => std::thread::available_parallelism().map_or(1, |n| n.get() / 2),
-            },
+            Command::Site(site::SiteCommand::Run { threads, .. }) => threads.map_or(1, usize::from),
             Command::Demo(_) => {
                 return Threads::Pool(std::thread::available_parallelism().map_or(2, |n| n.get()))
             }
@@ -112,6 +110,39 @@ impl Args {
         match wanted {
             0 | 1 => Threads::One,
             n => Threads::Pool(n),
+        }
+    }
+
+    /// How many shards `site run` carries traffic on: `--shards`, by default one per CPU the
+    /// process may use (at most 64), or one when `--threads` chose the runtime; one for every
+    /// other command. An error when the site also runs a pool of threads: each shard is one
+    /// thread.
+    pub fn shards(&self) -> Result<usize, String> {
+        let Command::Site(site::SiteCommand::Run {
+            shards, threads, ..
+        }) = &self.command
+        else {
+            return Ok(1);
+        };
+        let shards = match (shards, threads) {
+            (Some(shards), _) => usize::from(*shards),
+            (None, Some(_)) => 1,
+            (None, None) => std::thread::available_parallelism().map_or(1, |n| n.get().min(64)),
+        };
+        match self.threads() {
+            Threads::One => Ok(shards),
+            Threads::Pool(_) if shards == 1 => Ok(1),
+            Threads::Pool(n) => Err(format!(
+                "--shards runs each shard on one thread, and --threads asks for a pool of {n}: \
+                 drop --threads (or make it 1)"
+            )),
+        }
+    }
+
+    /// Hands `site run` the runtimes of its shards 2 and on.
+    pub fn set_shard_runtimes(&mut self, runtimes: Vec<tokio::runtime::Handle>) {
+        if let Command::Site(site::SiteCommand::Run { shard_runtimes, .. }) = &mut self.command {
+            *shard_runtimes = runtimes;
         }
     }
 
@@ -340,12 +371,9 @@ mod tests {
             threads(&["skiff", "site", "run", "--threads", "3"]).unwrap(),
             Threads::Pool(3)
         );
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // Without --threads, one thread (per shard).
         let default = threads(&["skiff", "site", "run"]).unwrap();
-        match cpus / 2 {
-            0 | 1 => assert_eq!(default, Threads::One),
-            half => assert_eq!(default, Threads::Pool(half)),
-        }
+        assert_eq!(default, Threads::One);
         // A client command makes one request: no pool.
         assert_eq!(threads(&["skiff", "status"]).unwrap(), Threads::One);
         assert!(matches!(
@@ -354,6 +382,31 @@ mod tests {
         ));
         let zero = threads(&["skiff", "site", "run", "--threads", "0"]).unwrap_err();
         assert!(zero.to_string().contains("--threads"), "{zero}");
+    }
+
+    #[test]
+    fn shards_run_one_thread_each() {
+        let parse = |args: &[&str]| Args::try_parse_from(args).unwrap();
+        let run = ["skiff", "site", "run"];
+        let with = |extra: &[&str]| parse(&[&run[..], extra].concat());
+        // By default a shard per CPU; with --threads, the one runtime it asks for.
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get().min(64));
+        assert_eq!(with(&[]).shards(), Ok(cpus));
+        assert_eq!(with(&["--threads", "1"]).shards(), Ok(1));
+        assert_eq!(with(&["--threads", "3"]).shards(), Ok(1));
+        assert_eq!(parse(&["skiff", "status"]).shards(), Ok(1));
+        // --shards alone makes the runtime one thread, whatever the machine.
+        let sharded = with(&["--shards", "4"]);
+        assert_eq!((sharded.threads(), sharded.shards()), (Threads::One, Ok(4)));
+        let one = with(&["--threads", "1", "--shards", "2"]);
+        assert_eq!((one.threads(), one.shards()), (Threads::One, Ok(2)));
+        let both = with(&["--threads", "2", "--shards", "2"])
+            .shards()
+            .unwrap_err();
+        assert!(both.contains("drop --threads"), "{both}");
+        assert_eq!(with(&["--threads", "2", "--shards", "1"]).shards(), Ok(1));
+        assert!(Args::try_parse_from([&run[..], &["--shards", "0"]].concat()).is_err());
+        assert!(Args::try_parse_from([&run[..], &["--shards", "65"]].concat()).is_err());
     }
 
     #[test]

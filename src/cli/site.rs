@@ -60,9 +60,9 @@ pub enum SiteCommand {
         /// How long a graceful stop waits for carried connections before it resets them.
         #[arg(long, value_parser = super::parse_duration, default_value = "10s", value_name = "DURATION")]
         drain_timeout: Duration,
-        /// Threads that carry traffic (default: half the CPUs this process may use, at least
-        /// one). With one, the whole site runs on one thread, which is the fastest on small
-        /// machines (docs/performance.md); raise it when that thread is the limit.
+        /// Run the site on one runtime of this many threads, a work-stealing pool, instead of
+        /// one-thread shards (with 1: the whole site on one thread). Threads of a pool wake
+        /// each other for every chunk they carry, which shards avoid (docs/performance.md).
         #[arg(long, env = "SKIFF_THREADS", value_name = "N",
               value_parser = clap::value_parser!(u16).range(1..=1024))]
         threads: Option<u16>,
@@ -73,8 +73,19 @@ pub enum SiteCommand {
         /// another process wants the core (docs/performance.md). Off by default.
         #[arg(long, value_parser = parse_busy_poll, value_name = "DURATION")]
         busy_poll: Option<Duration>,
+        /// Carry traffic on this many threads, each a one-thread runtime with its own share
+        /// (default: one per CPU this process may use, or 1 with --threads): each accepts on
+        /// every listener's port (the kernel spreads new connections over them) and has a lane
+        /// of its own (two more connections) on every TLS link, so that a carried connection
+        /// stays on one thread from end to end (docs/performance.md).
+        #[arg(long, env = "SKIFF_SHARDS", value_name = "N",
+              value_parser = clap::value_parser!(u8).range(1..=64))]
+        shards: Option<u8>,
         #[command(flatten)]
         limits: LimitArgs,
+        /// The runtimes of shards 2 and on, started by the binary before the command runs.
+        #[arg(skip)]
+        shard_runtimes: Vec<tokio::runtime::Handle>,
     },
 }
 
@@ -205,6 +216,8 @@ pub async fn run(
             limits,
             threads: _,
             busy_poll: _,
+            shards: _,
+            shard_runtimes,
         } => {
             anyhow::ensure!(
                 router_selector.is_empty(),
@@ -216,6 +229,7 @@ pub async fn run(
                 drain: None,
                 drain_timeout,
                 limits: limits.limits(),
+                shards: shard_runtimes,
             };
             run_daemon(dir, options, metrics_addr).await
         }

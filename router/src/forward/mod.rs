@@ -86,6 +86,25 @@ pub struct ListenerConfig {
     pub strategy: Strategy,
 }
 
+/// Accept queue of a listener's socket (the kernel caps it at `net.core.somaxconn`). The
+/// default of std and tokio, 128, overflowed under bursts of new connections in the load run
+/// (tests/load.rs): the kernel then drops SYNs, and each costs its client a second or more.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// A further shard's socket for a listener bound at `addr` (with `SO_REUSEPORT`), registered
+/// with the runtime this is called on.
+pub(crate) fn bind_shard_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Accepts clients on `listener` until `cancel` fires.
 pub(crate) async fn run_listener(
     inner: Arc<Inner>,
@@ -172,7 +191,7 @@ async fn origin(
         let outcome = if site == own {
             let local = tokio::select! {
                 local = connect_local(&inner, key) => local,
-                () = inner.shutdown.cancelled() => return splice::abort_tcp(client),
+                () = inner.stop().cancelled() => return splice::abort_tcp(client),
             };
             match local {
                 Ok(mut server) => {
@@ -191,7 +210,7 @@ async fn origin(
                     let sent = std::mem::take(&mut early).bytes.len();
                     tallies.0.add(sent);
                     let (end, mut moved) =
-                        splice::tcp_tcp(client, server, tallies, &inner.shutdown).await;
+                        splice::tcp_tcp(client, server, tallies, inner.stop()).await;
                     moved.up += sent as u64;
                     (end, moved)
                 }
@@ -216,7 +235,7 @@ async fn origin(
             let hop = table.name(route.next_hop);
             let opened = tokio::select! {
                 opened = open_remote(&inner, route.next_hop, &header, &mut client, &mut early) => opened,
-                () = inner.shutdown.cancelled() => return splice::abort_tcp(client),
+                () = inner.stop().cancelled() => return splice::abort_tcp(client),
             };
             match opened {
                 Ok((send, recv, leftover)) => {
@@ -230,7 +249,7 @@ async fn origin(
                     let sent = std::mem::take(&mut early).bytes.len();
                     tallies.0.add(sent);
                     let (end, mut moved) =
-                        splice::tcp_stream(client, send, recv, leftover, tallies, &inner.shutdown)
+                        splice::tcp_stream(client, send, recv, leftover, tallies, inner.stop())
                             .await;
                     moved.up += sent as u64;
                     (end, moved)
@@ -463,7 +482,7 @@ pub(crate) async fn serve_stream(
     let _stream = StreamGauge::new(&inner, &peer);
     let read = tokio::select! {
         read = tokio::time::timeout(HEADER_TIMEOUT, read_header(&mut recv)) => read,
-        () = inner.shutdown.cancelled() => return send.reset(),
+        () = inner.stop().cancelled() => return send.reset(),
     };
     let (header, leftover) = match read {
         Ok(Ok(pair)) => pair,
@@ -500,7 +519,7 @@ pub(crate) async fn serve_stream(
 pub(crate) async fn refuse_stream(inner: Arc<Inner>, mut send: AnySend, mut recv: AnyRecv) {
     let read = tokio::select! {
         read = tokio::time::timeout(HEADER_TIMEOUT, read_header(&mut recv)) => read,
-        () = inner.shutdown.cancelled() => return send.reset(),
+        () = inner.stop().cancelled() => return send.reset(),
     };
     if !matches!(read, Ok(Ok(_))) {
         return send.reset();
@@ -575,7 +594,7 @@ async fn destination(
     }
     let local = tokio::select! {
         local = connect_local(inner, &header.routing_key) => local,
-        () = inner.shutdown.cancelled() => return send.reset(),
+        () = inner.stop().cancelled() => return send.reset(),
     };
     match local {
         Ok(server) => {
@@ -586,7 +605,7 @@ async fn destination(
             tracing::debug!("connected to a local connector");
             let (tx, rx) = inner.metrics.link_bytes(peer);
             let tallies = (Tally::new([tx]), Tally::new([rx]));
-            let stop = &inner.shutdown;
+            let stop = inner.stop();
             log_end(&splice::tcp_stream(server, send, recv, leftover, tallies, stop).await);
         }
         Err(e) => refuse(&mut send, ConnectStatus::Refused, e).await,
@@ -627,7 +646,7 @@ async fn transit(
     };
     let opened = tokio::select! {
         opened = tokio::time::timeout(RESULT_TIMEOUT, transport.open()) => opened,
-        () = inner.shutdown.cancelled() => return send.reset(),
+        () = inner.stop().cancelled() => return send.reset(),
     };
     let (mut next_send, next_recv) = match opened {
         Ok(Ok(pair)) => pair,
@@ -648,7 +667,7 @@ async fn transit(
     let tallies = (Tally::new([peer_rx, hop_tx]), Tally::new([hop_rx, peer_tx]));
     // The connect result and everything after it are just bytes to a transit router.
     let (a, b) = ((send, recv), (next_send, next_recv));
-    log_end(&splice::stream_stream(a, b, leftover, tallies, &inner.shutdown).await);
+    log_end(&splice::stream_stream(a, b, leftover, tallies, inner.stop()).await);
 }
 
 /// Counts a connection (attempt) to `site` for `key` while it lives, for the balanced strategy.

@@ -4,13 +4,18 @@
 //! for the reverse connection with the same session token from the same site, then the link is
 //! up. Duplicates are refused here: a site that already has an outgoing link to the peer does not
 //! also accept one from it.
+//!
+//! A site with several shards expects a lane per further shard once a TLS link is up: its two
+//! connections carry the lane's token, they are paired like a link's first two, moved to the
+//! shard's runtime, and answered with `LANE_READY`. A lane for which this site has no shard is
+//! closed, which tells the dialer to stop adding lanes.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::SystemTime;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
@@ -18,10 +23,10 @@ use uuid::Uuid;
 use super::control::ControlChannel;
 use super::quic::QuicTransport;
 use super::session::{self, Role};
-use super::tls::{ClientHalf, ServerHalf, TlsTransport};
+use super::tls::{ClientHalf, Lanes, ServerHalf, TlsTransport};
 use super::transport::Transport;
 use super::{AnyRecv, AnySend, LinkTransport};
-use crate::proto::preface::{CONN_PREFACE_LEN, LINK_ACCEPTED};
+use crate::proto::preface::{lane_token, CONN_PREFACE_LEN, LANE_READY, LINK_ACCEPTED, MAX_LANES};
 use crate::proto::{ConnPreface, ConnRole, Message};
 use crate::reject::{Endpoint, Reason};
 use crate::{Direction, Inner, LinkState, LinkStatus, ALPN_LINK};
@@ -37,6 +42,18 @@ const MAX_PENDING: usize = 1024;
 #[derive(Default)]
 pub(crate) struct Pending {
     waiting: HashMap<[u8; 16], (Uuid, oneshot::Sender<ServerTls>)>,
+    /// The lanes incoming links may add, by lane token, while the link is being set up or up.
+    lanes: HashMap<[u8; 16], LaneSlot>,
+}
+
+/// A lane an incoming link may add.
+struct LaneSlot {
+    peer: Uuid,
+    shard: usize,
+    /// The link's lanes, once its transport is up.
+    lanes: watch::Receiver<Option<Weak<Lanes>>>,
+    /// The lane's forward connection, waiting for its reverse one.
+    forward: Option<oneshot::Sender<ServerTls>>,
 }
 
 pub(crate) async fn run(inner: Arc<Inner>, mut tls: ServerTls) {
@@ -108,12 +125,115 @@ pub(crate) async fn run(inner: Arc<Inner>, mut tls: ServerTls) {
                 ),
             }
         }
+        Ok(ConnPreface {
+            role: ConnRole::LaneForward,
+            session,
+        }) => lane(inner, tls, peer, session).await,
+        Ok(ConnPreface {
+            role: ConnRole::LaneReverse,
+            session,
+        }) => {
+            let waiter = {
+                let mut pending = inner.pending.lock().unwrap_or_else(|e| e.into_inner());
+                match pending.lanes.get_mut(&session) {
+                    Some(slot) if slot.peer == peer => slot.forward.take(),
+                    _ => None,
+                }
+            };
+            match waiter {
+                Some(tx) => {
+                    let _ = tx.send(tls);
+                }
+                None => tracing::debug!(%peer, "lane reverse connection without its forward one"),
+            }
+        }
         Err(e) => rejections.reject(
             Endpoint::Link,
             Reason::Protocol,
             from,
             format!("site {peer}: bad link preface ({e})"),
         ),
+    }
+}
+
+/// A lane's forward connection: waits for its reverse one, then starts the lane on its shard.
+/// A lane this site has no shard for, or whose link is gone, is closed: the dialer then stops
+/// adding lanes (it is not an error; the link carries on with the lanes it has).
+async fn lane(inner: Arc<Inner>, forward: ServerTls, peer: Uuid, token: [u8; 16]) {
+    let (tx, rx) = oneshot::channel();
+    let slot = {
+        let mut pending = inner.pending.lock().unwrap_or_else(|e| e.into_inner());
+        match pending.lanes.get_mut(&token) {
+            Some(slot) if slot.peer == peer && slot.forward.is_none() => {
+                slot.forward = Some(tx);
+                Some((slot.shard, slot.lanes.clone()))
+            }
+            _ => None,
+        }
+    };
+    let Some((shard, mut lanes)) = slot else {
+        tracing::debug!(%peer, "no shard for this lane; closing it");
+        return;
+    };
+    let limit = inner.config.handshake_timeout;
+    let reverse = match tokio::time::timeout(limit, rx).await {
+        Ok(Ok(reverse)) => reverse,
+        _ => {
+            tracing::debug!(%peer, shard, "the lane's reverse connection did not arrive");
+            return;
+        }
+    };
+    // A lane is added once: its slot goes.
+    inner
+        .pending
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .lanes
+        .remove(&token);
+    let lanes = match tokio::time::timeout(limit, lanes.wait_for(Option::is_some)).await {
+        Ok(Ok(lanes)) => lanes.as_ref().and_then(Weak::upgrade),
+        _ => None,
+    };
+    let (Some(lanes), Some(runtime)) = (lanes, inner.config.shards.get(shard - 1)) else {
+        return;
+    };
+    let max_streams = crate::transport_stream_limit(inner.config.max_link_streams);
+    let started = runtime.spawn(async move {
+        let (mut forward, mut reverse) = (forward, reverse);
+        forward.get_mut().0.rehome().map_err(|e| e.to_string())?;
+        reverse.get_mut().0.rehome().map_err(|e| e.to_string())?;
+        forward
+            .write_all(&[LANE_READY])
+            .await
+            .map_err(|e| e.to_string())?;
+        forward.flush().await.map_err(|e| e.to_string())?;
+        // On the forward connection the dialer is the HTTP/2 client, on the reverse one this
+        // site is.
+        lanes
+            .add(shard, reverse, forward, max_streams)
+            .await
+            .map_err(|e| e.to_string())
+    });
+    match started.await {
+        Ok(Ok(())) => tracing::debug!(%peer, shard, "lane up"),
+        Ok(Err(error)) => tracing::debug!(%peer, shard, %error, "lane failed"),
+        Err(e) => tracing::debug!(%peer, shard, error = %e, "lane task failed"),
+    }
+}
+
+/// Removes an incoming link's lane slots when dropped.
+struct ForgetLanes<'a> {
+    inner: &'a Inner,
+    /// Each lane's shard and token.
+    tokens: Vec<(usize, [u8; 16])>,
+}
+
+impl Drop for ForgetLanes<'_> {
+    fn drop(&mut self) {
+        let mut pending = self.inner.pending.lock().unwrap_or_else(|e| e.into_inner());
+        for (_, token) in &self.tokens {
+            pending.lanes.remove(token);
+        }
     }
 }
 
@@ -202,6 +322,14 @@ async fn send_hello(inner: &Inner, cost: u32, control: &mut Control) -> Result<(
 async fn forward(inner: Arc<Inner>, tls: ServerTls, peer: Uuid, session_token: [u8; 16]) {
     let config = &inner.config;
     let dead = CancellationToken::new();
+    let shards = config.shard_count().min(MAX_LANES + 1);
+    let forget_lanes = ForgetLanes {
+        inner: &inner,
+        tokens: (1..shards)
+            .map(|shard| (shard, lane_token(session_token, shard as u8)))
+            .collect(),
+    };
+    let (lanes_tx, lanes_rx) = watch::channel(None);
     let setup = async {
         let limit = crate::transport_stream_limit(config.max_link_streams);
         let server = ServerHalf::start(tls, limit, dead.clone())
@@ -229,6 +357,22 @@ async fn forward(inner: Arc<Inner>, tls: ServerTls, peer: Uuid, session_token: [
             inner: &inner,
             token: session_token,
         };
+        // The dialer adds its lanes once it has the link, which may be before this side has
+        // finished setting it up: the slots are there first, and wait for the link's lanes.
+        {
+            let mut pending = inner.pending.lock().unwrap_or_else(|e| e.into_inner());
+            for (shard, token) in &forget_lanes.tokens {
+                pending.lanes.insert(
+                    *token,
+                    LaneSlot {
+                        peer,
+                        shard: *shard,
+                        lanes: lanes_rx.clone(),
+                        forward: None,
+                    },
+                );
+            }
+        }
         send_hello(&inner, cost, &mut control).await?;
         let reverse = match tokio::time::timeout(config.handshake_timeout, rx).await {
             Ok(Ok(reverse)) => reverse,
@@ -237,12 +381,14 @@ async fn forward(inner: Arc<Inner>, tls: ServerTls, peer: Uuid, session_token: [
         let client = ClientHalf::start(reverse, dead.clone())
             .await
             .map_err(|e| e.to_string())?;
-        let transport = LinkTransport::Tls(TlsTransport::new(client, server, dead.clone()));
+        let tls = TlsTransport::with_lanes(client, server, dead.clone(), shards);
+        lanes_tx.send_replace(Some(Arc::downgrade(&tls.lanes())));
+        let transport = LinkTransport::Tls(tls);
         Ok::<_, String>((transport, control, peer_name, cost))
     };
     match tokio::time::timeout(config.handshake_timeout * 2, setup).await {
         Ok(Ok((transport, control, peer_name, cost))) => {
-            run_incoming(inner, peer, peer_name, cost, transport, control).await
+            run_incoming(inner.clone(), peer, peer_name, cost, transport, control).await
         }
         Ok(Err(error)) => {
             tracing::warn!(%peer, %error, "incoming link refused");

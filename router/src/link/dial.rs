@@ -1,5 +1,7 @@
 //! The linking side: dial, authenticate, say hello, open the reverse connection, run the
-//! session, and start over after a capped, jittered backoff when the link drops.
+//! session, and start over after a capped, jittered backoff when the link drops. A site with
+//! several shards then adds a lane per further shard to a TLS link, dialed from that shard,
+//! until the acceptor has no shard for the next one.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -16,10 +18,10 @@ use tracing::Instrument;
 use super::control::ControlChannel;
 use super::quic::{self, QuicTransport};
 use super::session::{self, Role};
-use super::tls::{ClientHalf, ServerHalf, TlsTransport};
+use super::tls::{ClientHalf, Lanes, ServerHalf, TlsTransport};
 use super::transport::Transport;
 use super::{AnyRecv, AnySend, LinkTransport, TransportChoice};
-use crate::proto::preface::LINK_ACCEPTED;
+use crate::proto::preface::{lane_token, LANE_READY, LINK_ACCEPTED, MAX_LANES};
 use crate::proto::{ConnPreface, ConnRole, Message};
 use crate::{Inner, LinkState, OutgoingLink, ALPN_LINK};
 
@@ -326,10 +328,86 @@ async fn handshake(
     let server = ServerHalf::start(reverse, limit, dead.clone())
         .await
         .map_err(|e| format!("{endpoint}: reverse connection: {e}"))?;
-    Ok((
-        LinkTransport::Tls(TlsTransport::new(client, server, dead)),
-        control,
-    ))
+    let shards = config.shard_count().min(MAX_LANES + 1);
+    let transport = TlsTransport::with_lanes(client, server, dead, shards);
+    if shards > 1 {
+        tokio::spawn(
+            add_lanes(
+                config.clone(),
+                connector.clone(),
+                endpoint.to_string(),
+                session,
+                transport.lanes(),
+            )
+            .in_current_span(),
+        );
+    }
+    Ok((LinkTransport::Tls(transport), control))
+}
+
+/// Adds a lane for each further shard to a link that is up, one after another, each dialed
+/// from its shard's runtime; stops at the first the acceptor does not take (it has fewer
+/// shards) or that fails. The shards without a lane open their streams on the link's first
+/// pair of connections.
+async fn add_lanes(
+    config: crate::Config,
+    connector: TlsConnector,
+    endpoint: String,
+    session: [u8; 16],
+    lanes: Arc<Lanes>,
+) {
+    let limit = crate::transport_stream_limit(config.max_link_streams);
+    for (index, runtime) in config.shards.iter().enumerate().take(MAX_LANES) {
+        let shard = index + 1;
+        if lanes.is_dead() {
+            return;
+        }
+        let token = lane_token(session, shard as u8);
+        let (connector, endpoint, lanes) = (connector.clone(), endpoint.clone(), lanes.clone());
+        let (connect_timeout, handshake_timeout) =
+            (config.connect_timeout, config.handshake_timeout);
+        let added = runtime.spawn(async move {
+            let preface = |role| ConnPreface {
+                role,
+                session: token,
+            };
+            let mut forward = open_tls(&connector, &endpoint, connect_timeout).await?;
+            forward
+                .write_all(&preface(ConnRole::LaneForward).encode())
+                .await
+                .map_err(|e| format!("{endpoint}: {e}"))?;
+            let mut reverse = open_tls(&connector, &endpoint, connect_timeout).await?;
+            reverse
+                .write_all(&preface(ConnRole::LaneReverse).encode())
+                .await
+                .map_err(|e| format!("{endpoint}: {e}"))?;
+            let mut ready = [0u8; 1];
+            match tokio::time::timeout(handshake_timeout, forward.read_exact(&mut ready)).await {
+                Ok(Ok(_)) if ready[0] == LANE_READY => {}
+                Ok(Ok(_)) => return Err(format!("{endpoint}: unexpected answer to a lane")),
+                Ok(Err(_)) => return Err("the peer has no shard for it".to_string()),
+                Err(_) => return Err("the peer did not take it in time".to_string()),
+            }
+            // On the forward connection this site is the HTTP/2 client, on the reverse one the
+            // acceptor is.
+            lanes
+                .add(shard, forward, reverse, limit)
+                .await
+                .map_err(|e| format!("{endpoint}: {e}"))
+        });
+        match added.await {
+            Ok(Ok(())) => tracing::debug!(shard, "lane up"),
+            Ok(Err(error)) => {
+                tracing::debug!(shard, %error, "no lane for this shard");
+                break;
+            }
+            Err(e) => {
+                tracing::debug!(shard, error = %e, "lane task failed");
+                break;
+            }
+        }
+    }
+    tracing::info!(lanes = lanes.up(), "link lanes up");
 }
 
 async fn open_tls(

@@ -9,11 +9,14 @@
 //! linking site: on the *forward* one the dialer is the client, on the *reverse* one the acceptor
 //! is. Each side opens streams on the connection where it is the client ([`ClientHalf`]) and
 //! accepts them on the other ([`ServerHalf`]).
+//!
+//! A site with several shards adds a lane per further shard ([`Lanes`]): another such pair,
+//! driven on that shard's thread, on which the shard opens and serves its own streams.
 
 use std::future::poll_fn;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -116,6 +119,19 @@ impl LinkTcp {
     /// How many bytes the read buffer holds (0 before [`ready_for_traffic`]).
     pub fn read_buffer_capacity(&self) -> usize {
         self.buf.len()
+    }
+
+    /// Moves the socket to the I/O driver of the runtime this is called on: a connection
+    /// accepted on one shard and served on another must be woken by the other's driver. tokio
+    /// cannot move a registration, so the socket is registered anew under a duplicate of its
+    /// descriptor, and the old one is dropped (which ends its registration). Buffered bytes
+    /// stay.
+    pub fn rehome(&mut self) -> std::io::Result<()> {
+        use std::os::fd::AsFd;
+        let fd = self.tcp.as_fd().try_clone_to_owned()?;
+        let moved = tokio::net::TcpStream::from_std(std::net::TcpStream::from(fd))?;
+        drop(std::mem::replace(&mut self.tcp, moved));
+        Ok(())
     }
 }
 
@@ -260,6 +276,9 @@ impl ClientHalf {
 /// The half of a link on which this router is the HTTP/2 server: it accepts streams here.
 pub struct ServerHalf {
     incoming: Mutex<mpsc::Receiver<(H2Send, H2Recv)>>,
+    /// For the server halves of the link's further lanes, which queue into the same
+    /// `incoming` (weak, so that `accept` still ends when the connection does).
+    queue: mpsc::WeakSender<(H2Send, H2Recv)>,
     received: Arc<AtomicU64>,
     handler: HandlerSlot,
 }
@@ -277,69 +296,14 @@ impl ServerHalf {
     where
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let received = Arc::new(AtomicU64::new(0));
-        let io = Counting {
-            inner: io,
-            read: received.clone(),
-        };
-        let mut connection = h2::server::Builder::new()
-            .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .max_frame_size(MAX_FRAME)
-            .max_send_buffer_size(SEND_BUFFER)
-            .max_header_list_size(MAX_HEADER_LIST)
-            .max_concurrent_streams(max_streams)
-            .handshake::<_, Bytes>(io)
-            .await
-            .map_err(link_closed)?;
         let (tx, rx) = mpsc::channel(ACCEPT_QUEUE);
         let handler = HandlerSlot::default();
-        let slot = handler.clone();
-        tokio::spawn(async move {
-            // `accept` also drives the connection's I/O, so this loop must keep polling it. A
-            // handler, once set, takes each stream at once (it spawns a task). Until then the
-            // queue is bounded and its consumer only spawns a task per stream, so waiting on a
-            // full queue is brief and is exactly the backpressure we want.
-            loop {
-                let next = tokio::select! {
-                    next = connection.accept() => next,
-                    _ = dead.cancelled() => break,
-                };
-                match next {
-                    Some(Ok((request, respond))) => {
-                        let pair = (
-                            H2Send {
-                                state: SendState::Unanswered(respond),
-                            },
-                            H2Recv {
-                                state: RecvState::Ready(request.into_body()),
-                            },
-                        );
-                        let pair = {
-                            let handler = slot.lock().unwrap_or_else(|e| e.into_inner());
-                            match handler.as_ref() {
-                                Some(handle) => {
-                                    handle(pair.0, pair.1);
-                                    continue;
-                                }
-                                None => pair,
-                            }
-                        };
-                        if tx.send(pair).await.is_err() {
-                            break;
-                        }
-                    }
-                    Some(Err(e)) => {
-                        tracing::debug!(error = %e, "link connection (server half) failed");
-                        break;
-                    }
-                    None => break,
-                }
-            }
-            dead.cancel();
-        });
+        let received = Arc::new(AtomicU64::new(0));
+        let queue = tx.downgrade();
+        serve(io, max_streams, dead, tx, handler.clone(), received.clone()).await?;
         Ok(ServerHalf {
             incoming: Mutex::new(rx),
+            queue,
             received,
             handler,
         })
@@ -351,21 +315,183 @@ impl ServerHalf {
     }
 }
 
-/// A link carried by a client half and a server half (see the module docs).
+/// Runs the HTTP/2 server handshake on `io` and spawns the task that drives the connection and
+/// hands the streams the peer opens to the handler in `slot`, or queues them on `tx`.
+async fn serve<T>(
+    io: T,
+    max_streams: u32,
+    dead: CancellationToken,
+    tx: mpsc::Sender<(H2Send, H2Recv)>,
+    slot: HandlerSlot,
+    received: Arc<AtomicU64>,
+) -> Result<(), StreamError>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let io = Counting {
+        inner: io,
+        read: received.clone(),
+    };
+    let mut connection = h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_send_buffer_size(SEND_BUFFER)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .max_concurrent_streams(max_streams)
+        .handshake::<_, Bytes>(io)
+        .await
+        .map_err(link_closed)?;
+    tokio::spawn(async move {
+        // `accept` also drives the connection's I/O, so this loop must keep polling it. A
+        // handler, once set, takes each stream at once (it spawns a task). Until then the
+        // queue is bounded and its consumer only spawns a task per stream, so waiting on a
+        // full queue is brief and is exactly the backpressure we want.
+        loop {
+            let next = tokio::select! {
+                next = connection.accept() => next,
+                _ = dead.cancelled() => break,
+            };
+            match next {
+                Some(Ok((request, respond))) => {
+                    let pair = (
+                        H2Send {
+                            state: SendState::Unanswered(respond),
+                        },
+                        H2Recv {
+                            state: RecvState::Ready(request.into_body()),
+                        },
+                    );
+                    let pair = {
+                        let handler = slot.lock().unwrap_or_else(|e| e.into_inner());
+                        match handler.as_ref() {
+                            Some(handle) => {
+                                handle(pair.0, pair.1);
+                                continue;
+                            }
+                            None => pair,
+                        }
+                    };
+                    if tx.send(pair).await.is_err() {
+                        break;
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "link connection (server half) failed");
+                    break;
+                }
+                None => break,
+            }
+        }
+        dead.cancel();
+    });
+    Ok(())
+}
+
+/// A link carried by a client half and a server half (see the module docs), and the further
+/// lanes of a site with several shards.
 pub struct TlsTransport {
     client: ClientHalf,
     server: ServerHalf,
+    lanes: Arc<Lanes>,
     dead: CancellationToken,
+}
+
+/// A link's further lanes, one per shard that has one: the client half each shard opens its
+/// streams on. Lanes come up after the link ([`Lanes::add`]) and live as long as it: the end of
+/// any of their connections ends the link, as the end of its first pair does.
+pub struct Lanes {
+    /// By shard; shard 0 (and any shard without a lane) uses the link's first pair.
+    clients: Box<[OnceLock<ClientHalf>]>,
+    queue: mpsc::WeakSender<(H2Send, H2Recv)>,
+    handler: HandlerSlot,
+    dead: CancellationToken,
+}
+
+impl Lanes {
+    /// Starts lane `shard`'s halves on the runtime this is called on, which must be that
+    /// shard's: HTTP/2 as the client on `client_io` and as the server on `server_io` (the
+    /// peer may open `max_streams` streams there). Streams the peer opens on the lane go where
+    /// those of the link's first pair go. An error if the shard has a lane already, if there
+    /// is no such shard, or if the link is gone.
+    pub async fn add<C, S>(
+        &self,
+        shard: usize,
+        client_io: C,
+        server_io: S,
+        max_streams: u32,
+    ) -> Result<(), StreamError>
+    where
+        C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let slot = match self.clients.get(shard) {
+            Some(slot) if shard > 0 && slot.get().is_none() => slot,
+            _ => return Err(StreamError::LinkClosed(format!("no room for lane {shard}"))),
+        };
+        let Some(queue) = self.queue.upgrade() else {
+            return Err(StreamError::LinkClosed("link is down".into()));
+        };
+        let received = Arc::new(AtomicU64::new(0));
+        // Both at once: each side's server half waits for the other side's client preface.
+        let (client, served) = tokio::join!(
+            ClientHalf::start(client_io, self.dead.clone()),
+            serve(
+                server_io,
+                max_streams,
+                self.dead.clone(),
+                queue,
+                self.handler.clone(),
+                received,
+            )
+        );
+        served?;
+        slot.set(client?)
+            .map_err(|_| StreamError::LinkClosed(format!("lane {shard} is up already")))
+    }
+
+    /// How many lanes are up.
+    pub fn up(&self) -> usize {
+        self.clients.iter().filter(|c| c.get().is_some()).count()
+    }
+
+    /// Whether the link has ended.
+    pub fn is_dead(&self) -> bool {
+        self.dead.is_cancelled()
+    }
 }
 
 impl TlsTransport {
     /// Assembles a transport; `dead` must be the token both halves were started with.
     pub fn new(client: ClientHalf, server: ServerHalf, dead: CancellationToken) -> Self {
+        TlsTransport::with_lanes(client, server, dead, 1)
+    }
+
+    /// Assembles a transport of a site with `shards` shards, which may add a lane for each
+    /// shard but the first ([`TlsTransport::lanes`]).
+    pub fn with_lanes(
+        client: ClientHalf,
+        server: ServerHalf,
+        dead: CancellationToken,
+        shards: usize,
+    ) -> Self {
+        let lanes = Arc::new(Lanes {
+            clients: (0..shards.max(1)).map(|_| OnceLock::new()).collect(),
+            queue: server.queue.clone(),
+            handler: server.handler.clone(),
+            dead: dead.clone(),
+        });
         TlsTransport {
             client,
             server,
+            lanes,
             dead,
         }
+    }
+
+    /// The link's further lanes, to add to.
+    pub fn lanes(&self) -> Arc<Lanes> {
+        self.lanes.clone()
     }
 }
 
@@ -413,7 +539,11 @@ impl Transport for TlsTransport {
         if self.dead.is_cancelled() {
             return Err(StreamError::LinkClosed("link is down".into()));
         }
-        self.client.open().await
+        let lane = self.lanes.clients.get(crate::shard::current());
+        lane.and_then(OnceLock::get)
+            .unwrap_or(&self.client)
+            .open()
+            .await
     }
 
     async fn accept(&self) -> Option<(H2Send, H2Recv)> {
@@ -625,6 +755,11 @@ mod tests {
 
     /// Two routers' transports wired together in memory (no sockets, no TLS).
     async fn pair() -> (TlsTransport, TlsTransport) {
+        pair_with(1).await
+    }
+
+    /// [`pair`], for sites with `shards` shards.
+    async fn pair_with(shards: usize) -> (TlsTransport, TlsTransport) {
         let (fwd_a, fwd_b) = tokio::io::duplex(1 << 20);
         let (rev_a, rev_b) = tokio::io::duplex(1 << 20);
         let (dead_a, dead_b) = (CancellationToken::new(), CancellationToken::new());
@@ -635,8 +770,8 @@ mod tests {
             ServerHalf::start(rev_a, 1000, dead_a.clone()),
         );
         (
-            TlsTransport::new(ca.unwrap(), sa.unwrap(), dead_a),
-            TlsTransport::new(cb.unwrap(), sb.unwrap(), dead_b),
+            TlsTransport::with_lanes(ca.unwrap(), sa.unwrap(), dead_a, shards),
+            TlsTransport::with_lanes(cb.unwrap(), sb.unwrap(), dead_b, shards),
         )
     }
 
@@ -808,6 +943,110 @@ mod tests {
             frame as u64,
             "one frame header, nothing else"
         );
+    }
+
+    /// A connected pair of loopback sockets on the current runtime, and a second handle to
+    /// the first socket, to cut the connection from outside.
+    async fn tcp_pair() -> (
+        tokio::net::TcpStream,
+        tokio::net::TcpStream,
+        std::net::TcpStream,
+    ) {
+        use std::os::fd::AsFd;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (a, b) = tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+        let a = a.unwrap();
+        let cut = std::net::TcpStream::from(a.as_fd().try_clone_to_owned().unwrap());
+        (a, b.unwrap().0, cut)
+    }
+
+    #[test]
+    fn a_shard_opens_its_streams_on_its_lane_and_a_lost_lane_ends_the_link() {
+        let limit = std::time::Duration::from_secs(10);
+        let runtime = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+        };
+        let main = runtime();
+        let (a, b) = main.block_on(pair_with(2));
+        let (a, b) = (Arc::new(a), Arc::new(b));
+        let (lane_a, lane_b) = (a.lanes(), b.lanes());
+        // Shard 1: a thread of its own with a one-thread runtime, as `site run --shards 2`.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let shard = std::thread::spawn(move || {
+            crate::shard::enter(1);
+            runtime().block_on(async move {
+                let (fwd_a, fwd_b, cut) = tcp_pair().await;
+                let (rev_a, rev_b, _) = tcp_pair().await;
+                let lane_read = Arc::new(AtomicU64::new(0));
+                let fwd_b = Counting {
+                    inner: fwd_b,
+                    read: lane_read.clone(),
+                };
+                // a dialed: it is the HTTP/2 client on the forward connection.
+                let (added_a, added_b) = tokio::join!(
+                    lane_a.add(1, fwd_a, rev_a, 1000),
+                    lane_b.add(1, rev_b, fwd_b, 1000),
+                );
+                added_a.unwrap();
+                added_b.unwrap();
+                assert_eq!((lane_a.up(), lane_b.up()), (1, 1));
+                // A shard has one lane at most.
+                let (x, y) = tokio::io::duplex(64);
+                assert!(lane_a.add(1, x, y, 1).await.is_err());
+                tx.send((cut, lane_read)).unwrap();
+                let _ = stopped.await;
+            });
+        });
+        let (cut, lane_read) = rx.recv().unwrap();
+        let (a1, b1) = (a.clone(), b.clone());
+        // A stream opened on shard 1 goes over the lane: the link's first pair sees none of it
+        // (once its own handshake is over: its drivers run on `main`).
+        main.block_on(async { tokio::time::sleep(std::time::Duration::from_millis(100)).await });
+        let first_pair_before = b.received();
+        let lane_before = lane_read.load(Ordering::Relaxed);
+        let opened = std::thread::spawn(move || {
+            crate::shard::enter(1);
+            runtime().block_on(async move {
+                let exchange = async {
+                    let (mut send, mut recv) = a1.open().await.unwrap();
+                    send.send(Bytes::from_static(b"over the lane"))
+                        .await
+                        .unwrap();
+                    send.finish().unwrap();
+                    recv.recv().await.unwrap().unwrap()
+                };
+                // The answer comes over the lane, which shard 1 drives while `main` does not.
+                tokio::time::timeout(limit, exchange)
+                    .await
+                    .expect("the answer arrives")
+            })
+        });
+        main.block_on(async {
+            let (mut send, mut recv) = tokio::time::timeout(limit, b1.accept())
+                .await
+                .expect("the stream arrives")
+                .unwrap();
+            assert_eq!(recv.recv().await.unwrap().unwrap(), &b"over the lane"[..]);
+            send.send(Bytes::from_static(b"and back")).await.unwrap();
+            send.finish().unwrap();
+        });
+        assert_eq!(opened.join().unwrap(), &b"and back"[..]);
+        assert_eq!(b.received(), first_pair_before, "nothing on the first pair");
+        assert!(lane_read.load(Ordering::Relaxed) - lane_before >= 13);
+        // Losing a lane's connection ends the link, as losing the first pair does.
+        cut.shutdown(std::net::Shutdown::Both).unwrap();
+        main.block_on(async {
+            tokio::time::timeout(limit, a.closed())
+                .await
+                .expect("the link ends with its lane");
+        });
+        let _ = stop.send(());
+        shard.join().unwrap();
     }
 
     #[tokio::test]

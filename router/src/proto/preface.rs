@@ -5,12 +5,27 @@
 //! *reverse* connection the acceptor is. HTTP/2 lets only clients open streams, so this pair is
 //! what lets both sites open streams towards each other. Both connections start with a
 //! [`ConnPreface`] carrying the same random session token, which is how the acceptor pairs them.
+//!
+//! A site that runs several shards (one-thread runtimes, see `site run --shards`) adds a *lane*
+//! per further shard once the link is up: another such pair, whose connections each side
+//! serves on that shard, so that each shard opens and serves its streams on connections of its
+//! own. A lane's connections carry its [`lane_token`] instead of the session token; the
+//! acceptor answers a complete lane with [`LANE_READY`] on its forward connection.
 
 /// The byte an accepting router writes on a link connection once the TLS handshake has
 /// succeeded on its side. TLS 1.3 lets the client finish before the server has judged the
 /// client's certificate, so the dialer waits for this byte: what it reads instead is the
 /// server's alert (say, "certificate revoked"), which it can then report.
 pub const LINK_ACCEPTED: u8 = 0x5a;
+
+/// The byte an accepting router writes on a lane's forward connection once both of the lane's
+/// connections have arrived and the lane is taken: the dialer starts HTTP/2 on them only then.
+/// What it reads instead (the connection closed) means the acceptor has no shard for the lane.
+pub const LANE_READY: u8 = 0x6c;
+
+/// Most lanes a link may have besides its first connection pair: lane tokens differ from the
+/// session token in their last byte.
+pub const MAX_LANES: usize = 255;
 
 /// Size of an encoded [`ConnPreface`].
 pub const CONN_PREFACE_LEN: usize = 22;
@@ -25,6 +40,19 @@ pub enum ConnRole {
     Forward,
     /// The acceptor is the HTTP/2 client.
     Reverse,
+    /// A further lane's forward connection (no control stream).
+    LaneForward,
+    /// A further lane's reverse connection.
+    LaneReverse,
+}
+
+/// The token that names lane `lane` (1 to [`MAX_LANES`]) of the link session `session`: the
+/// session token with its last byte changed, so that the acceptor finds the session from it and
+/// pairs the lane's two connections by it.
+pub fn lane_token(session: [u8; 16], lane: u8) -> [u8; 16] {
+    let mut token = session;
+    token[15] ^= lane;
+    token
 }
 
 /// The first bytes the dialer writes on a link connection after the TLS handshake.
@@ -32,7 +60,8 @@ pub enum ConnRole {
 pub struct ConnPreface {
     /// Which half of the pair this connection is.
     pub role: ConnRole,
-    /// Random token shared by both halves of one link session.
+    /// Random token shared by both halves of one link session (for a lane, its
+    /// [`lane_token`]).
     pub session: [u8; 16],
 }
 
@@ -59,6 +88,8 @@ impl ConnPreface {
         out[5] = match self.role {
             ConnRole::Forward => 1,
             ConnRole::Reverse => 2,
+            ConnRole::LaneForward => 3,
+            ConnRole::LaneReverse => 4,
         };
         out[6..].copy_from_slice(&self.session);
         out
@@ -75,6 +106,8 @@ impl ConnPreface {
         let role = match raw[5] {
             1 => ConnRole::Forward,
             2 => ConnRole::Reverse,
+            3 => ConnRole::LaneForward,
+            4 => ConnRole::LaneReverse,
             other => return Err(PrefaceError::Role(other)),
         };
         let mut session = [0u8; 16];
@@ -118,13 +151,29 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        for role in [ConnRole::Forward, ConnRole::Reverse] {
+        for role in [
+            ConnRole::Forward,
+            ConnRole::Reverse,
+            ConnRole::LaneForward,
+            ConnRole::LaneReverse,
+        ] {
             let p = ConnPreface {
                 role,
                 session: [7; 16],
             };
             assert_eq!(ConnPreface::decode(&p.encode()), Ok(p));
         }
+    }
+
+    #[test]
+    fn lane_tokens_differ_from_the_session_and_from_each_other() {
+        let session = [9; 16];
+        let tokens: std::collections::HashSet<[u8; 16]> = (1..=MAX_LANES as u8)
+            .map(|lane| lane_token(session, lane))
+            .collect();
+        assert_eq!(tokens.len(), MAX_LANES);
+        assert!(!tokens.contains(&session));
+        assert_eq!(lane_token(session, 0), session);
     }
 
     proptest! {
