@@ -41,6 +41,7 @@ const METRIC_FAMILIES: &[&str] = &[
     "skiff_link_bytes_total",
     "skiff_link_streams_active",
     "skiff_link_reconnects_total",
+    "skiff_link_lanes",
     "skiff_service_connections_opened_total",
     "skiff_service_connections_active",
     "skiff_service_connect_errors_total",

@@ -1453,16 +1453,18 @@ fn sharded_sites_carry_traffic_on_every_shard() {
     const EACH: u64 = 25;
     let backends = Backends::new();
     let echo = backends.start(Behaviour::Echo);
-    let start = |name: &str, shards: &str| {
-        let mut site = Site::init(name, &[]);
+    let start = |name: &str, shards: &str, metrics: u16| {
+        let metrics = format!("127.0.0.1:{metrics}");
+        let mut site = Site::init(name, &["--metrics-addr", &metrics]);
         site.run_args = ["--threads", "1", "--shards", shards]
             .map(String::from)
             .to_vec();
         site.run();
         site
     };
-    let a = start("a", "3");
-    let b = start("b", "2");
+    let (a_metrics, b_metrics) = (free_port(), free_port());
+    let a = start("a", "3", a_metrics);
+    let b = start("b", "2", b_metrics);
     a.link_to(&b);
     connector(&b, "to-b", "echo-b", echo.port);
     connector(&a, "to-a", "echo-a", echo.port);
@@ -1493,6 +1495,18 @@ fn sharded_sites_carry_traffic_on_every_shard() {
         });
         // The first pair and one lane: four connections from a to b's link port.
         assert_eq!(tcp_sockets(b.port, "01", true), 4, "{}", report(&[&a, &b]));
+    }
+    // Both sides count the lane; a QUIC link has none.
+    let lanes = if common::transport() == "tls" { 1 } else { 0 };
+    for (site, port, peer) in [(&a, a_metrics, "b"), (&b, b_metrics, "a")] {
+        let series = format!("skiff_link_lanes{{peer_site=\"{peer}\"}} {lanes}");
+        wait_for("the lanes metric", ROUTE_TIMEOUT, &[&a, &b], || {
+            let (_, body) = common::http_get(port, "/metrics")?;
+            match body.lines().find(|l| l.starts_with("skiff_link_lanes{")) {
+                Some(line) if line == series => Ok(()),
+                other => Err(format!("site {}: {other:?}", site.name)),
+            }
+        });
     }
     // The kernel spreads new connections over the shards' sockets by their addresses: with
     // hundreds, every shard takes some.

@@ -91,6 +91,7 @@ pub struct Metrics {
     pub(crate) link_rtt: Family<PeerLabels, Gauge<f64, AtomicU64>>,
     pub(crate) link_bytes: Family<PeerDirectionLabels, Counter>,
     pub(crate) link_streams: Family<PeerLabels, Gauge>,
+    pub(crate) link_lanes: Family<PeerLabels, Gauge>,
     pub(crate) link_reconnects: Family<NameLabels, Counter>,
     pub(crate) opened: Family<TargetLabels, Counter>,
     pub(crate) active: Family<KeyLabels, Gauge>,
@@ -129,6 +130,7 @@ impl Metrics {
             link_rtt: Family::default(),
             link_bytes: Family::default(),
             link_streams: Family::default(),
+            link_lanes: Family::default(),
             link_reconnects: Family::default(),
             opened: Family::default(),
             active: Family::default(),
@@ -162,6 +164,11 @@ impl Metrics {
             "skiff_link_streams_active",
             "Carried connections open on links with the peer site",
             metrics.link_streams.clone(),
+        );
+        r.register(
+            "skiff_link_lanes",
+            "Lanes of the TLS link with the peer site besides its first pair of connections",
+            metrics.link_lanes.clone(),
         );
         r.register(
             "skiff_link_reconnects",

@@ -49,6 +49,8 @@ pub(crate) struct Pending {
 /// A lane an incoming link may add.
 struct LaneSlot {
     peer: Uuid,
+    /// The peer's name, for the lanes metric.
+    peer_name: String,
     shard: usize,
     /// The link's lanes, once its transport is up.
     lanes: watch::Receiver<Option<Weak<Lanes>>>,
@@ -166,12 +168,12 @@ async fn lane(inner: Arc<Inner>, forward: ServerTls, peer: Uuid, token: [u8; 16]
         match pending.lanes.get_mut(&token) {
             Some(slot) if slot.peer == peer && slot.forward.is_none() => {
                 slot.forward = Some(tx);
-                Some((slot.shard, slot.lanes.clone()))
+                Some((slot.shard, slot.lanes.clone(), slot.peer_name.clone()))
             }
             _ => None,
         }
     };
-    let Some((shard, mut lanes)) = slot else {
+    let Some((shard, mut lanes, peer_name)) = slot else {
         tracing::debug!(%peer, "no shard for this lane; closing it");
         return;
     };
@@ -198,6 +200,7 @@ async fn lane(inner: Arc<Inner>, forward: ServerTls, peer: Uuid, token: [u8; 16]
         return;
     };
     let max_streams = crate::transport_stream_limit(inner.config.max_link_streams);
+    let reporting = lanes.clone();
     let started = runtime.spawn(async move {
         let (mut forward, mut reverse) = (forward, reverse);
         forward.get_mut().0.rehome().map_err(|e| e.to_string())?;
@@ -215,7 +218,16 @@ async fn lane(inner: Arc<Inner>, forward: ServerTls, peer: Uuid, token: [u8; 16]
             .map_err(|e| e.to_string())
     });
     match started.await {
-        Ok(Ok(())) => tracing::debug!(%peer, shard, "lane up"),
+        Ok(Ok(())) => {
+            let gauge = inner
+                .metrics
+                .link_lanes
+                .get_or_create(&crate::metrics::PeerLabels {
+                    peer_site: peer_name,
+                });
+            reporting.report(&gauge);
+            tracing::debug!(%peer, shard, "lane up");
+        }
         Ok(Err(error)) => tracing::debug!(%peer, shard, %error, "lane failed"),
         Err(e) => tracing::debug!(%peer, shard, error = %e, "lane task failed"),
     }
@@ -366,6 +378,7 @@ async fn forward(inner: Arc<Inner>, tls: ServerTls, peer: Uuid, session_token: [
                     *token,
                     LaneSlot {
                         peer,
+                        peer_name: peer_name.clone(),
                         shard: *shard,
                         lanes: lanes_rx.clone(),
                         forward: None,

@@ -331,13 +331,19 @@ async fn handshake(
     let shards = config.shard_count().min(MAX_LANES + 1);
     let transport = TlsTransport::with_lanes(client, server, dead, shards);
     if shards > 1 {
+        let gauge = inner
+            .metrics
+            .link_lanes
+            .get_or_create_owned(&crate::metrics::PeerLabels {
+                peer_site: link.peer_name.clone(),
+            });
         tokio::spawn(
             add_lanes(
                 config.clone(),
                 connector.clone(),
                 endpoint.to_string(),
                 session,
-                transport.lanes(),
+                (transport.lanes(), gauge),
             )
             .in_current_span(),
         );
@@ -354,7 +360,7 @@ async fn add_lanes(
     connector: TlsConnector,
     endpoint: String,
     session: [u8; 16],
-    lanes: Arc<Lanes>,
+    (lanes, gauge): (Arc<Lanes>, prometheus_client::metrics::gauge::Gauge),
 ) {
     let limit = crate::transport_stream_limit(config.max_link_streams);
     for (index, runtime) in config.shards.iter().enumerate().take(MAX_LANES) {
@@ -363,7 +369,7 @@ async fn add_lanes(
             return;
         }
         let token = lane_token(session, shard as u8);
-        let (connector, endpoint, lanes) = (connector.clone(), endpoint.clone(), lanes.clone());
+        let (connector, endpoint, lane_set) = (connector.clone(), endpoint.clone(), lanes.clone());
         let (connect_timeout, handshake_timeout) =
             (config.connect_timeout, config.handshake_timeout);
         let added = runtime.spawn(async move {
@@ -390,13 +396,16 @@ async fn add_lanes(
             }
             // On the forward connection this site is the HTTP/2 client, on the reverse one the
             // acceptor is.
-            lanes
+            lane_set
                 .add(shard, forward, reverse, limit)
                 .await
                 .map_err(|e| format!("{endpoint}: {e}"))
         });
         match added.await {
-            Ok(Ok(())) => tracing::debug!(shard, "lane up"),
+            Ok(Ok(())) => {
+                lanes.report(&gauge);
+                tracing::debug!(shard, "lane up");
+            }
             Ok(Err(error)) => {
                 tracing::debug!(shard, %error, "no lane for this shard");
                 break;

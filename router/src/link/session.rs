@@ -56,6 +56,13 @@ pub(crate) async fn run(
 ) -> String {
     let config = &inner.config;
     let live = inner.link_up(peer, cost, transport.clone());
+    // Every link that is up has a lanes series: 0 until a lane comes up (and on QUIC links).
+    inner
+        .metrics
+        .link_lanes
+        .get_or_create_owned(&crate::metrics::PeerLabels {
+            peer_site: peer_name.to_string(),
+        });
     // What the peer has been told (or told us) about each origin: flooding sends only news.
     let mut told: HashMap<Uuid, u64> = HashMap::new();
     let mut adverts = inner.adverts.subscribe();
@@ -269,10 +276,12 @@ pub(crate) async fn run(
         }
     };
     inner.link_down(peer, live);
-    // A down link has no RTT: drop the series rather than keep a stale value.
-    inner.metrics.link_rtt.remove(&crate::metrics::PeerLabels {
+    // A down link has no RTT and no lanes: drop the series rather than keep stale values.
+    let labels = crate::metrics::PeerLabels {
         peer_site: peer_name.to_string(),
-    });
+    };
+    inner.metrics.link_rtt.remove(&labels);
+    inner.metrics.link_lanes.remove(&labels);
     control.reset();
     transport.close();
     reason

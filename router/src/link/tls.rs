@@ -455,6 +455,13 @@ impl Lanes {
         self.clients.iter().filter(|c| c.get().is_some()).count()
     }
 
+    /// Sets `gauge` to how many lanes are up, unless the link has ended.
+    pub fn report(&self, gauge: &prometheus_client::metrics::gauge::Gauge) {
+        if !self.is_dead() {
+            gauge.set(self.up() as i64);
+        }
+    }
+
     /// Whether the link has ended.
     pub fn is_dead(&self) -> bool {
         self.dead.is_cancelled()
