@@ -83,6 +83,10 @@ pub enum Command {
     Demo(demo::DemoArgs),
 }
 
+/// Most shards a site runs by default. Each shard costs every TLS link a lane: two more
+/// connections, with a 256 KiB read buffer each once the link is up.
+pub const DEFAULT_MAX_SHARDS: usize = 8;
+
 /// How many threads the async runtime runs: 1 means a single-threaded runtime.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Threads {
@@ -114,9 +118,9 @@ impl Args {
     }
 
     /// How many shards `site run` carries traffic on: `--shards`, by default one per CPU the
-    /// process may use (at most 64), or one when `--threads` chose the runtime; one for every
-    /// other command. An error when the site also runs a pool of threads: each shard is one
-    /// thread.
+    /// process may use up to [`DEFAULT_MAX_SHARDS`], or one when `--threads` chose the runtime;
+    /// one for every other command. An error when the site also runs a pool of threads: each
+    /// shard is one thread.
     pub fn shards(&self) -> Result<usize, String> {
         let Command::Site(site::SiteCommand::Run {
             shards, threads, ..
@@ -127,7 +131,9 @@ impl Args {
         let shards = match (shards, threads) {
             (Some(shards), _) => usize::from(*shards),
             (None, Some(_)) => 1,
-            (None, None) => std::thread::available_parallelism().map_or(1, |n| n.get().min(64)),
+            (None, None) => {
+                std::thread::available_parallelism().map_or(1, |n| n.get().min(DEFAULT_MAX_SHARDS))
+            }
         };
         match self.threads() {
             Threads::One => Ok(shards),
@@ -389,8 +395,9 @@ mod tests {
         let parse = |args: &[&str]| Args::try_parse_from(args).unwrap();
         let run = ["skiff", "site", "run"];
         let with = |extra: &[&str]| parse(&[&run[..], extra].concat());
-        // By default a shard per CPU; with --threads, the one runtime it asks for.
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get().min(64));
+        // By default a shard per CPU, up to the most; with --threads, the one runtime it asks for.
+        let cpus =
+            std::thread::available_parallelism().map_or(1, |n| n.get().min(DEFAULT_MAX_SHARDS));
         assert_eq!(with(&[]).shards(), Ok(cpus));
         assert_eq!(with(&["--threads", "1"]).shards(), Ok(1));
         assert_eq!(with(&["--threads", "3"]).shards(), Ok(1));

@@ -74,7 +74,7 @@ pub enum SiteCommand {
         #[arg(long, value_parser = parse_busy_poll, value_name = "DURATION")]
         busy_poll: Option<Duration>,
         /// Carry traffic on this many threads, each a one-thread runtime with its own share
-        /// (default: one per CPU this process may use, or 1 with --threads): each accepts on
+        /// (default: one per CPU this process may use, up to 8; 1 with --threads): each accepts on
         /// every listener's port (the kernel spreads new connections over them) and has a lane
         /// of its own (two more connections) on every TLS link, so that a carried connection
         /// stays on one thread from end to end (docs/performance.md).
