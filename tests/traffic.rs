@@ -1484,6 +1484,15 @@ fn sharded_sites_carry_traffic_on_every_shard() {
             other => Err(format!("listening sockets (a, b): {other:?}")),
         },
     );
+    // Sockets bound to share a port must not let a second listener join them.
+    for site in [&a, &b] {
+        let port = to_b.to_string();
+        let err = site.fails(&[
+            "listener", "create", "to-b", "--name", "again", "--port", &port,
+        ]);
+        assert!(err.contains("in use"), "site {}: {err}", site.name);
+    }
+    assert_eq!(tcp_sockets(to_b, "0A", false), 3, "{}", report(&[&a, &b]));
     if common::transport() == "tls" {
         wait_for("a's lanes", ROUTE_TIMEOUT, &[&a, &b], || {
             let logs = a.logs();

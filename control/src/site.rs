@@ -1742,8 +1742,8 @@ impl crate::http::Endpoints for Site {
     }
 }
 
-/// Binds a listener's socket; `shared` (a router with several shards) with `SO_REUSEPORT`, so
-/// that each shard can bind one of its own to the same port.
+/// Binds a listener's socket at the first of its addresses that takes it; `shared` for a router
+/// with several shards (see [`skiff_router::forward::bind_listener`]).
 async fn bind_listener(record: &ListenerRecord, shared: bool) -> Result<TcpListener, String> {
     let fail = |e: std::io::Error| {
         format!(
@@ -1757,32 +1757,7 @@ async fn bind_listener(record: &ListenerRecord, shared: bool) -> Result<TcpListe
         .await
         .map_err(fail)?
     {
-        let socket = || {
-            let socket = if addr.is_ipv4() {
-                tokio::net::TcpSocket::new_v4()?
-            } else {
-                tokio::net::TcpSocket::new_v6()?
-            };
-            // As std and tokio do for listeners: a restarted site rebinds at once.
-            socket.set_reuseaddr(true)?;
-            Ok::<_, std::io::Error>(socket)
-        };
-        let bound = socket().and_then(|listener| {
-            let mut addr = addr;
-            if shared {
-                // With SO_REUSEPORT this socket would join one that another listener holds (of
-                // this site, or of any process of this user) and take a share of its
-                // connections. A socket without it is refused a port in use: try that first.
-                let probe = socket()?;
-                probe.bind(addr)?;
-                addr = probe.local_addr()?;
-                drop(probe);
-                listener.set_reuseport(true)?;
-            }
-            listener.bind(addr)?;
-            listener.listen(skiff_router::forward::LISTEN_BACKLOG)
-        });
-        match bound {
+        match skiff_router::forward::bind_listener(addr, shared) {
             Ok(listener) => return Ok(listener),
             Err(e) => last = Some(e),
         }

@@ -410,7 +410,7 @@ impl Router {
             for (index, runtime) in self.inner.config.shards.iter().enumerate() {
                 let (inner, config, cancel) = (self.inner.clone(), config.clone(), cancel.clone());
                 runtime.spawn(async move {
-                    match forward::bind_shard_listener(addr) {
+                    match forward::join_listener(addr) {
                         Ok(listener) => {
                             forward::run_listener(inner, config, listener, cancel).await
                         }

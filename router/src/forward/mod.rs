@@ -89,20 +89,47 @@ pub struct ListenerConfig {
 /// Accept queue of a listener's socket (the kernel caps it at `net.core.somaxconn`). The
 /// default of std and tokio, 128, overflowed under bursts of new connections in the load run
 /// (tests/load.rs): the kernel then drops SYNs, and each costs its client a second or more.
-pub const LISTEN_BACKLOG: u32 = 4096;
+const LISTEN_BACKLOG: u32 = 4096;
 
-/// A further shard's socket for a listener bound at `addr` (with `SO_REUSEPORT`), registered
-/// with the runtime this is called on.
-pub(crate) fn bind_shard_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// Binds a listener's socket at `addr`, in the context of a tokio runtime. For a router with
+/// several `shards` it is bound with `SO_REUSEPORT`, so that each further shard binds one of
+/// its own to the same port ([`crate::Router::add_listener`]). Such a socket would also join
+/// one that another listener holds (of this site, or of any process of this user) and take a
+/// share of its connections, so a plain bind is tried first: a port in use is refused as it is
+/// without shards.
+pub fn bind_listener(addr: SocketAddr, shards: bool) -> std::io::Result<TcpListener> {
+    let mut addr = addr;
+    if shards {
+        let probe = listener_socket(addr)?;
+        probe.bind(addr)?;
+        // The port the probe got, should `addr` have asked for any.
+        addr = probe.local_addr()?;
+    }
+    listen(addr, shards)
+}
+
+/// A further shard's socket for the listener bound at `addr` (by [`bind_listener`], with
+/// shards), registered with the runtime this is called on.
+pub(crate) fn join_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    listen(addr, true)
+}
+
+fn listen(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
+    let socket = listener_socket(addr)?;
+    socket.set_reuseport(reuse_port)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+fn listener_socket(addr: SocketAddr) -> std::io::Result<tokio::net::TcpSocket> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
         tokio::net::TcpSocket::new_v6()?
     };
+    // As std and tokio do for listeners: a restarted site rebinds at once.
     socket.set_reuseaddr(true)?;
-    socket.set_reuseport(true)?;
-    socket.bind(addr)?;
-    socket.listen(LISTEN_BACKLOG)
+    Ok(socket)
 }
 
 /// Accepts clients on `listener` until `cancel` fires.
