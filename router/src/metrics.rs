@@ -265,6 +265,13 @@ impl Metrics {
             .inc();
     }
 
+    /// The `skiff_link_lanes` series of the links with `peer` (made at 0 if new).
+    pub(crate) fn lanes(&self, peer: &str) -> Gauge {
+        self.link_lanes.get_or_create_owned(&PeerLabels {
+            peer_site: peer.to_string(),
+        })
+    }
+
     /// Re-exports `skiff_link_up` from the current link table, dropping links that are gone.
     pub(crate) fn refresh_links(&self, links: &[crate::LinkStatus]) {
         let mut known = self.known_links.lock().unwrap_or_else(|e| e.into_inner());

@@ -11,11 +11,11 @@
 //! closed, which tells the dialer to stop adding lanes.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
@@ -49,11 +49,9 @@ pub(crate) struct Pending {
 /// A lane an incoming link may add.
 struct LaneSlot {
     peer: Uuid,
-    /// The peer's name, for the lanes metric.
-    peer_name: String,
     shard: usize,
-    /// The link's lanes, once its transport is up.
-    lanes: watch::Receiver<Option<Weak<Lanes>>>,
+    /// The link's lanes.
+    lanes: Arc<Lanes>,
     /// The lane's forward connection, waiting for its reverse one.
     forward: Option<oneshot::Sender<ServerTls>>,
 }
@@ -168,12 +166,12 @@ async fn lane(inner: Arc<Inner>, forward: ServerTls, peer: Uuid, token: [u8; 16]
         match pending.lanes.get_mut(&token) {
             Some(slot) if slot.peer == peer && slot.forward.is_none() => {
                 slot.forward = Some(tx);
-                Some((slot.shard, slot.lanes.clone(), slot.peer_name.clone()))
+                Some((slot.shard, slot.lanes.clone()))
             }
             _ => None,
         }
     };
-    let Some((shard, mut lanes, peer_name)) = slot else {
+    let Some((shard, lanes)) = slot else {
         tracing::debug!(%peer, "no shard for this lane; closing it");
         return;
     };
@@ -192,15 +190,10 @@ async fn lane(inner: Arc<Inner>, forward: ServerTls, peer: Uuid, token: [u8; 16]
         .unwrap_or_else(|e| e.into_inner())
         .lanes
         .remove(&token);
-    let lanes = match tokio::time::timeout(limit, lanes.wait_for(Option::is_some)).await {
-        Ok(Ok(lanes)) => lanes.as_ref().and_then(Weak::upgrade),
-        _ => None,
-    };
-    let (Some(lanes), Some(runtime)) = (lanes, inner.config.shards.get(shard - 1)) else {
+    let Some(runtime) = inner.config.shards.get(shard - 1) else {
         return;
     };
     let max_streams = crate::transport_stream_limit(inner.config.max_link_streams);
-    let reporting = lanes.clone();
     let started = runtime.spawn(async move {
         let (mut forward, mut reverse) = (forward, reverse);
         forward.get_mut().0.rehome().map_err(|e| e.to_string())?;
@@ -218,16 +211,7 @@ async fn lane(inner: Arc<Inner>, forward: ServerTls, peer: Uuid, token: [u8; 16]
             .map_err(|e| e.to_string())
     });
     match started.await {
-        Ok(Ok(())) => {
-            let gauge = inner
-                .metrics
-                .link_lanes
-                .get_or_create(&crate::metrics::PeerLabels {
-                    peer_site: peer_name,
-                });
-            reporting.report(&gauge);
-            tracing::debug!(%peer, shard, "lane up");
-        }
+        Ok(Ok(())) => tracing::debug!(%peer, shard, "lane up"),
         Ok(Err(error)) => tracing::debug!(%peer, shard, %error, "lane failed"),
         Err(e) => tracing::debug!(%peer, shard, error = %e, "lane task failed"),
     }
@@ -341,7 +325,6 @@ async fn forward(inner: Arc<Inner>, tls: ServerTls, peer: Uuid, session_token: [
             .map(|shard| (shard, lane_token(session_token, shard as u8)))
             .collect(),
     };
-    let (lanes_tx, lanes_rx) = watch::channel(None);
     let setup = async {
         let limit = crate::transport_stream_limit(config.max_link_streams);
         let server = ServerHalf::start(tls, limit, dead.clone())
@@ -370,20 +353,24 @@ async fn forward(inner: Arc<Inner>, tls: ServerTls, peer: Uuid, session_token: [
             token: session_token,
         };
         // The dialer adds its lanes once it has the link, which may be before this side has
-        // finished setting it up: the slots are there first, and wait for the link's lanes.
+        // finished setting it up: the slots are there first.
+        let lanes = Lanes::new(
+            &server,
+            dead.clone(),
+            shards,
+            inner.metrics.lanes(&peer_name),
+        );
         {
             let mut pending = inner.pending.lock().unwrap_or_else(|e| e.into_inner());
             for (shard, token) in &forget_lanes.tokens {
-                pending.lanes.insert(
-                    *token,
-                    LaneSlot {
-                        peer,
-                        peer_name: peer_name.clone(),
-                        shard: *shard,
-                        lanes: lanes_rx.clone(),
-                        forward: None,
-                    },
-                );
+                let lanes = lanes.clone();
+                let slot = LaneSlot {
+                    peer,
+                    shard: *shard,
+                    lanes,
+                    forward: None,
+                };
+                pending.lanes.insert(*token, slot);
             }
         }
         send_hello(&inner, cost, &mut control).await?;
@@ -394,9 +381,7 @@ async fn forward(inner: Arc<Inner>, tls: ServerTls, peer: Uuid, session_token: [
         let client = ClientHalf::start(reverse, dead.clone())
             .await
             .map_err(|e| e.to_string())?;
-        let tls = TlsTransport::with_lanes(client, server, dead.clone(), shards);
-        lanes_tx.send_replace(Some(Arc::downgrade(&tls.lanes())));
-        let transport = LinkTransport::Tls(tls);
+        let transport = LinkTransport::Tls(TlsTransport::with_lanes(client, server, lanes));
         Ok::<_, String>((transport, control, peer_name, cost))
     };
     match tokio::time::timeout(config.handshake_timeout * 2, setup).await {

@@ -329,24 +329,12 @@ async fn handshake(
         .await
         .map_err(|e| format!("{endpoint}: reverse connection: {e}"))?;
     let shards = config.shard_count().min(MAX_LANES + 1);
-    let transport = TlsTransport::with_lanes(client, server, dead, shards);
+    let lanes = Lanes::new(&server, dead, shards, inner.metrics.lanes(&link.peer_name));
+    let transport = TlsTransport::with_lanes(client, server, lanes.clone());
     if shards > 1 {
-        let gauge = inner
-            .metrics
-            .link_lanes
-            .get_or_create_owned(&crate::metrics::PeerLabels {
-                peer_site: link.peer_name.clone(),
-            });
-        tokio::spawn(
-            add_lanes(
-                config.clone(),
-                connector.clone(),
-                endpoint.to_string(),
-                session,
-                (transport.lanes(), gauge),
-            )
-            .in_current_span(),
-        );
+        let (connector, endpoint) = (connector.clone(), endpoint.to_string());
+        let adding = add_lanes(config.clone(), connector, endpoint, session, lanes);
+        tokio::spawn(adding.in_current_span());
     }
     Ok((LinkTransport::Tls(transport), control))
 }
@@ -360,7 +348,7 @@ async fn add_lanes(
     connector: TlsConnector,
     endpoint: String,
     session: [u8; 16],
-    (lanes, gauge): (Arc<Lanes>, prometheus_client::metrics::gauge::Gauge),
+    lanes: Arc<Lanes>,
 ) {
     let limit = crate::transport_stream_limit(config.max_link_streams);
     for (index, runtime) in config.shards.iter().enumerate().take(MAX_LANES) {
@@ -402,10 +390,7 @@ async fn add_lanes(
                 .map_err(|e| format!("{endpoint}: {e}"))
         });
         match added.await {
-            Ok(Ok(())) => {
-                lanes.report(&gauge);
-                tracing::debug!(shard, "lane up");
-            }
+            Ok(Ok(())) => tracing::debug!(shard, "lane up"),
             Ok(Err(error)) => {
                 tracing::debug!(shard, %error, "no lane for this shard");
                 break;

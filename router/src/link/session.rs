@@ -57,12 +57,7 @@ pub(crate) async fn run(
     let config = &inner.config;
     let live = inner.link_up(peer, cost, transport.clone());
     // Every link that is up has a lanes series: 0 until a lane comes up (and on QUIC links).
-    inner
-        .metrics
-        .link_lanes
-        .get_or_create_owned(&crate::metrics::PeerLabels {
-            peer_site: peer_name.to_string(),
-        });
+    inner.metrics.lanes(peer_name);
     // What the peer has been told (or told us) about each origin: flooding sends only news.
     let mut told: HashMap<Uuid, u64> = HashMap::new();
     let mut adverts = inner.adverts.subscribe();

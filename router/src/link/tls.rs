@@ -20,6 +20,7 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{mpsc, Mutex};
 use tokio_util::sync::CancellationToken;
@@ -405,10 +406,32 @@ pub struct Lanes {
     clients: Box<[OnceLock<ClientHalf>]>,
     queue: mpsc::WeakSender<(H2Send, H2Recv)>,
     handler: HandlerSlot,
+    /// The link's token (see [`TlsTransport::new`]).
     dead: CancellationToken,
+    /// Set to how many lanes are up (`skiff_link_lanes`): a series the session drops when the
+    /// link ends stays dropped, as a gauge removed from its family is no longer exported.
+    up: Gauge,
 }
 
 impl Lanes {
+    /// The lanes a link may add for a site of `shards` shards, whose first pair's server half
+    /// is `server` (lanes hand the streams the peer opens to where it does) and whose token is
+    /// `dead`. `up` counts the lanes that are up.
+    pub fn new(
+        server: &ServerHalf,
+        dead: CancellationToken,
+        shards: usize,
+        up: Gauge,
+    ) -> Arc<Self> {
+        Arc::new(Lanes {
+            clients: (0..shards.max(1)).map(|_| OnceLock::new()).collect(),
+            queue: server.queue.clone(),
+            handler: server.handler.clone(),
+            dead,
+            up,
+        })
+    }
+
     /// Starts lane `shard`'s halves on the runtime this is called on, which must be that
     /// shard's: HTTP/2 as the client on `client_io` and as the server on `server_io` (the
     /// peer may open `max_streams` streams there). Streams the peer opens on the lane go where
@@ -447,19 +470,14 @@ impl Lanes {
         );
         served?;
         slot.set(client?)
-            .map_err(|_| StreamError::LinkClosed(format!("lane {shard} is up already")))
+            .map_err(|_| StreamError::LinkClosed(format!("lane {shard} is up already")))?;
+        self.up.set(self.up() as i64);
+        Ok(())
     }
 
     /// How many lanes are up.
     pub fn up(&self) -> usize {
         self.clients.iter().filter(|c| c.get().is_some()).count()
-    }
-
-    /// Sets `gauge` to how many lanes are up, unless the link has ended.
-    pub fn report(&self, gauge: &prometheus_client::metrics::gauge::Gauge) {
-        if !self.is_dead() {
-            gauge.set(self.up() as i64);
-        }
     }
 
     /// Whether the link has ended.
@@ -469,30 +487,21 @@ impl Lanes {
 }
 
 impl TlsTransport {
-    /// Assembles a transport; `dead` must be the token both halves were started with.
+    /// Assembles a transport without lanes; `dead` must be the token both halves were started
+    /// with.
     pub fn new(client: ClientHalf, server: ServerHalf, dead: CancellationToken) -> Self {
-        TlsTransport::with_lanes(client, server, dead, 1)
+        let lanes = Lanes::new(&server, dead, 1, Gauge::default());
+        TlsTransport::with_lanes(client, server, lanes)
     }
 
-    /// Assembles a transport of a site with `shards` shards, which may add a lane for each
-    /// shard but the first ([`TlsTransport::lanes`]).
-    pub fn with_lanes(
-        client: ClientHalf,
-        server: ServerHalf,
-        dead: CancellationToken,
-        shards: usize,
-    ) -> Self {
-        let lanes = Arc::new(Lanes {
-            clients: (0..shards.max(1)).map(|_| OnceLock::new()).collect(),
-            queue: server.queue.clone(),
-            handler: server.handler.clone(),
-            dead: dead.clone(),
-        });
+    /// Assembles a transport whose further lanes are `lanes` (made with `server` and the token
+    /// both halves were started with), which may come up before or after this.
+    pub fn with_lanes(client: ClientHalf, server: ServerHalf, lanes: Arc<Lanes>) -> Self {
         TlsTransport {
             client,
             server,
+            dead: lanes.dead.clone(),
             lanes,
-            dead,
         }
     }
 
@@ -776,9 +785,12 @@ mod tests {
             ClientHalf::start(rev_b, dead_b.clone()),
             ServerHalf::start(rev_a, 1000, dead_a.clone()),
         );
+        let (sa, sb) = (sa.unwrap(), sb.unwrap());
+        let lanes_a = Lanes::new(&sa, dead_a, shards, Gauge::default());
+        let lanes_b = Lanes::new(&sb, dead_b, shards, Gauge::default());
         (
-            TlsTransport::with_lanes(ca.unwrap(), sa.unwrap(), dead_a, shards),
-            TlsTransport::with_lanes(cb.unwrap(), sb.unwrap(), dead_b, shards),
+            TlsTransport::with_lanes(ca.unwrap(), sa, lanes_a),
+            TlsTransport::with_lanes(cb.unwrap(), sb, lanes_b),
         )
     }
 
