@@ -77,8 +77,9 @@ pub const READ_BUFFER: usize = 256 * 1024;
 
 /// Most encrypted bytes rustls holds for the socket on a link connection (its default is
 /// 64 KiB). Chosen when a full read from a carried connection was 128 KiB, so that its HTTP/2
-/// DATA frame went to the socket in one `writev` instead of two; a frame of [`SEND_CHUNK`]
-/// fits the default as well, and this bounds what waits in rustls while the socket is full.
+/// DATA frame went to the socket in one `writev` instead of two; a full chunk of a carried
+/// connection now (48 KiB, [`SendStream::chunk_size`]) fits the default as well, and this
+/// bounds what waits in rustls while the socket is full.
 pub const SEND_TLS_BUFFER: usize = 256 * 1024;
 
 /// A connection to or from the link port as TLS sees it: the socket, with a read buffer under
