@@ -1517,6 +1517,27 @@ fn sharded_sites_carry_traffic_on_every_shard() {
             }
         });
     }
+    // `link status` shows them too (none on a QUIC link), in JSON and in its table.
+    let expected = if common::transport() == "tls" {
+        serde_json::json!(1)
+    } else {
+        serde_json::Value::Null
+    };
+    for (site, peer, direction) in [(&a, "b", "outgoing"), (&b, "a", "incoming")] {
+        let link = site.link_up(peer, direction).unwrap();
+        assert_eq!(link["lanes"], expected, "{link}");
+    }
+    let table = a.cli(&["link", "status"]);
+    let table = String::from_utf8_lossy(&table.stdout);
+    let (header, row) = (table.lines().next().unwrap(), table.lines().nth(1).unwrap());
+    let column = header.find("LANES").expect(&table);
+    let cell = row[column..].split_whitespace().next().unwrap_or_default();
+    let want = if common::transport() == "tls" {
+        "1"
+    } else {
+        "-"
+    };
+    assert_eq!(cell, want, "{table}");
     // The kernel spreads new connections over the shards' sockets by their addresses: with
     // hundreds, every shard takes some.
     std::thread::scope(|scope| {

@@ -98,6 +98,10 @@ pub struct LinkView {
     pub cert_expires: Option<String>,
     /// `quic` or `tls` while the link is up.
     pub transport: Option<String>,
+    /// While the link is up over TLS: its lanes besides the first connection pair, one per
+    /// further shard both sites run (absent from older sites' answers).
+    #[serde(default)]
+    pub lanes: Option<usize>,
 }
 
 /// Body of `POST /v1/links`.

@@ -1831,6 +1831,7 @@ fn link_view(status: &LinkStatus) -> admin::LinkView {
             .cert_expires
             .map(|t: SystemTime| humantime::format_rfc3339_seconds(t).to_string()),
         transport: status.transport.map(|t| t.as_str().to_string()),
+        lanes: status.lanes,
     }
 }
 

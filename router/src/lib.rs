@@ -250,6 +250,10 @@ pub struct LinkStatus {
     pub connects: u64,
     /// The transport carrying the link while it is up.
     pub transport: Option<TransportKind>,
+    /// While the link is up over TLS: how many lanes it has besides its first connection pair
+    /// (one per further shard that both sites run; see `link::tls::Lanes`). `None` while it is
+    /// down and on QUIC links. Filled in by the router's snapshots ([`Router::links`]).
+    pub lanes: Option<usize>,
 }
 
 /// The handle to a site's router. Cheap to clone.
@@ -535,6 +539,7 @@ impl Router {
             cert_expires: link.cert.not_after().ok(),
             connects: 0,
             transport: None,
+            lanes: None,
         };
         let previous = self.inner.update(|links| {
             links.outgoing.insert(
@@ -599,25 +604,31 @@ impl Router {
 
     /// A snapshot of every link, outgoing first, each group sorted by name.
     pub fn links(&self) -> Vec<LinkStatus> {
-        let links = self.inner.lock();
-        links
-            .outgoing
-            .values()
-            .map(|l| l.status.clone())
-            .chain(links.incoming.values().map(|l| l.status.clone()))
-            .collect()
+        let links: Vec<LinkStatus> = {
+            let links = self.inner.lock();
+            links
+                .outgoing
+                .values()
+                .map(|l| l.status.clone())
+                .chain(links.incoming.values().map(|l| l.status.clone()))
+                .collect()
+        };
+        self.inner.count_lanes(links)
     }
 
     /// Describes an existing link with `site` in either direction, if there is one.
     pub fn link_with(&self, site: Uuid) -> Option<LinkStatus> {
-        let links = self.inner.lock();
-        links
-            .outgoing
-            .values()
-            .map(|l| &l.status)
-            .chain(links.incoming.get(&site).map(|l| &l.status))
-            .find(|s| s.peer_site == site)
-            .cloned()
+        let status = {
+            let links = self.inner.lock();
+            links
+                .outgoing
+                .values()
+                .map(|l| &l.status)
+                .chain(links.incoming.get(&site).map(|l| &l.status))
+                .find(|s| s.peer_site == site)
+                .cloned()?
+        };
+        self.inner.count_lanes(vec![status]).pop()
     }
 
     /// Waits until the outgoing link `name` is up, for at most `limit`. On failure returns the
@@ -635,7 +646,7 @@ impl Router {
                 .map(|l| l.status.clone())
                 .ok_or_else(|| format!("link {name} was removed"))?;
             if status.state == LinkState::Up {
-                return Ok(status);
+                return Ok(self.inner.count_lanes(vec![status]).remove(0));
             }
             match tokio::time::timeout_at(deadline, changed.changed()).await {
                 Ok(Ok(())) => continue,
@@ -675,6 +686,22 @@ impl Inner {
         // A panic while holding this lock is a bug elsewhere; the table itself stays consistent
         // (every update is a single insert/remove/assign), so keep serving it.
         self.links.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `links` with the lanes of those up over TLS counted, from the live links' transports
+    /// (taken after the link table's lock is released: the two locks are never held together).
+    fn count_lanes(&self, mut links: Vec<LinkStatus>) -> Vec<LinkStatus> {
+        let live = self.live_links();
+        for status in &mut links {
+            status.lanes = match (status.state, live.get(&status.peer_site)) {
+                (LinkState::Up, Some(l)) => match &*l.transport {
+                    link::LinkTransport::Tls(tls) => Some(tls.lanes().up()),
+                    link::LinkTransport::Quic(_) => None,
+                },
+                _ => None,
+            };
+        }
+        links
     }
 
     /// Applies `f` to the link table and tells subscribers something changed.

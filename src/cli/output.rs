@@ -65,6 +65,7 @@ pub fn link_table(links: &[skiff_control::admin::LinkView]) -> String {
         "PEER",
         "STATE",
         "TRANSPORT",
+        "LANES",
         "RTT",
         "COST",
         "SINCE",
@@ -79,6 +80,9 @@ pub fn link_table(links: &[skiff_control::admin::LinkView]) -> String {
             link.peer_site.clone(),
             link.state.clone(),
             link.transport.clone().unwrap_or_else(|| "-".into()),
+            link.lanes
+                .map(|n| n.to_string())
+                .unwrap_or_else(|| "-".into()),
             link.rtt_ms
                 .map(|ms| format!("{ms:.2}ms"))
                 .unwrap_or_else(|| "-".into()),

@@ -537,6 +537,7 @@ async fn run_incoming(
         cert_expires: None,
         connects: 0,
         transport: Some(kind),
+        lanes: None,
     };
     let session_no = inner.add_incoming(status, cancel.clone());
     let span = tracing::info_span!("link", link = %peer_name, %peer, direction = "incoming");
