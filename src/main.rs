@@ -55,7 +55,7 @@ fn main() -> ExitCode {
         match shard::Shard::start(index, busy_poll) {
             Ok(shard) => further.push(shard),
             Err(e) => {
-                eprintln!("error: cannot start shard {}: {e}", index + 1);
+                eprintln!("error: cannot start shard {index} (shard 0 is the main thread): {e}");
                 return ExitCode::FAILURE;
             }
         }

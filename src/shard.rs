@@ -1,5 +1,6 @@
-//! `site run --shards`: the threads of shards 2 and on, each running a one-thread runtime
-//! (what a shard is: `skiff_router::shard`). Shard 1 is the runtime `main` runs the site on.
+//! `site run --shards`: the threads of shards 1 and on (named `skiff-shard-N`), each running
+//! a one-thread runtime (what a shard is: `skiff_router::shard`). Shard 0 is the runtime `main`
+//! runs the site on.
 
 use std::time::Duration;
 
@@ -19,7 +20,7 @@ impl Shard {
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         let (stop, stopped) = oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
-            .name(format!("skiff-shard-{}", index + 1))
+            .name(format!("skiff-shard-{index}"))
             .spawn(move || {
                 skiff_router::shard::enter(index);
                 let mut builder = tokio::runtime::Builder::new_current_thread();

@@ -299,6 +299,7 @@ pub async fn run_with(
         id = %site.core.config.id,
         link_port = site.link_port,
         quic_port = site.quic_port,
+        shards = site.router.config().shard_count(),
         "site running"
     );
     tasks.spawn(watch_certificates(site.clone(), shutdown.clone()));

@@ -164,7 +164,9 @@ async fn lane(inner: Arc<Inner>, forward: ServerTls, peer: Uuid, token: [u8; 16]
     let slot = {
         let mut pending = inner.pending.lock().unwrap_or_else(|e| e.into_inner());
         match pending.lanes.get_mut(&token) {
-            Some(slot) if slot.peer == peer && slot.forward.is_none() => {
+            // A newer attempt at the lane replaces one still waiting for its reverse
+            // connection: the dialer gave up on that one and tried again.
+            Some(slot) if slot.peer == peer => {
                 slot.forward = Some(tx);
                 Some((slot.shard, slot.lanes.clone()))
             }

@@ -339,10 +339,25 @@ async fn handshake(
     Ok((LinkTransport::Tls(transport), control))
 }
 
+/// Attempts at a lane that fails (rather than being refused) before the link carries on
+/// without it: a lane's connections can be dropped by an acceptor at its handshake limit, as
+/// when many sites redial it at once after a restart.
+const LANE_ATTEMPTS: u32 = 5;
+
+/// Why a lane did not come up.
+enum LaneError {
+    /// The acceptor closed the lane's forward connection: it has no shard for the lane, so
+    /// none for the lanes after it either.
+    NoShard,
+    /// A connection failed, or the acceptor did not answer in time: worth another attempt.
+    Failed(String),
+}
+
 /// Adds a lane for each further shard to a link that is up, one after another, each dialed
 /// from its shard's runtime; stops at the first the acceptor does not take (it has fewer
-/// shards) or that fails. The shards without a lane open their streams on the link's first
-/// pair of connections.
+/// shards). A lane that fails is tried again after the link's backoff, up to
+/// [`LANE_ATTEMPTS`] times, and then left out along with the rest. The shards without a lane
+/// open their streams on the link's first pair of connections.
 async fn add_lanes(
     config: crate::Config,
     connector: TlsConnector,
@@ -350,58 +365,99 @@ async fn add_lanes(
     session: [u8; 16],
     lanes: Arc<Lanes>,
 ) {
-    let limit = crate::transport_stream_limit(config.max_link_streams);
-    for (index, runtime) in config.shards.iter().enumerate().take(MAX_LANES) {
+    'lanes: for (index, runtime) in config.shards.iter().enumerate().take(MAX_LANES) {
         let shard = index + 1;
-        if lanes.is_dead() {
-            return;
-        }
-        let token = lane_token(session, shard as u8);
-        let (connector, endpoint, lane_set) = (connector.clone(), endpoint.clone(), lanes.clone());
-        let (connect_timeout, handshake_timeout) =
-            (config.connect_timeout, config.handshake_timeout);
-        let added = runtime.spawn(async move {
-            let preface = |role| ConnPreface {
-                role,
-                session: token,
+        let mut attempt = 0;
+        loop {
+            if lanes.is_dead() {
+                return;
+            }
+            let lane = add_lane(&config, &connector, &endpoint, session, &lanes, shard);
+            let added = runtime.spawn(lane);
+            let error = match added.await {
+                Ok(Ok(())) => {
+                    tracing::debug!(shard, "lane up");
+                    break;
+                }
+                Ok(Err(LaneError::NoShard)) => {
+                    tracing::debug!(shard, "the peer has no shard for this lane");
+                    break 'lanes;
+                }
+                Ok(Err(LaneError::Failed(error))) => error,
+                Err(e) => format!("lane task failed: {e}"),
             };
-            let mut forward = open_tls(&connector, &endpoint, connect_timeout).await?;
-            forward
-                .write_all(&preface(ConnRole::LaneForward).encode())
-                .await
-                .map_err(|e| format!("{endpoint}: {e}"))?;
-            let mut reverse = open_tls(&connector, &endpoint, connect_timeout).await?;
-            reverse
-                .write_all(&preface(ConnRole::LaneReverse).encode())
-                .await
-                .map_err(|e| format!("{endpoint}: {e}"))?;
-            let mut ready = [0u8; 1];
-            match tokio::time::timeout(handshake_timeout, forward.read_exact(&mut ready)).await {
-                Ok(Ok(_)) if ready[0] == LANE_READY => {}
-                Ok(Ok(_)) => return Err(format!("{endpoint}: unexpected answer to a lane")),
-                Ok(Err(_)) => return Err("the peer has no shard for it".to_string()),
-                Err(_) => return Err("the peer did not take it in time".to_string()),
+            attempt += 1;
+            if attempt == LANE_ATTEMPTS {
+                tracing::warn!(
+                    shard,
+                    %error,
+                    "lane failed {LANE_ATTEMPTS} times; the link carries on without it and the \
+                     lanes after it until it redials"
+                );
+                break 'lanes;
             }
-            // On the forward connection this site is the HTTP/2 client, on the reverse one the
-            // acceptor is.
-            lane_set
-                .add(shard, forward, reverse, limit)
-                .await
-                .map_err(|e| format!("{endpoint}: {e}"))
-        });
-        match added.await {
-            Ok(Ok(())) => tracing::debug!(shard, "lane up"),
-            Ok(Err(error)) => {
-                tracing::debug!(shard, %error, "no lane for this shard");
-                break;
-            }
-            Err(e) => {
-                tracing::debug!(shard, error = %e, "lane task failed");
-                break;
-            }
+            tracing::debug!(shard, attempt, %error, "lane failed; trying again");
+            tokio::time::sleep(backoff(&config, attempt - 1)).await;
         }
     }
     tracing::info!(lanes = lanes.up(), "link lanes up");
+}
+
+/// One attempt at lane `shard`: its two connections, the acceptor's `LANE_READY`, and HTTP/2
+/// on both. Runs on the shard's runtime.
+fn add_lane(
+    config: &crate::Config,
+    connector: &TlsConnector,
+    endpoint: &str,
+    session: [u8; 16],
+    lanes: &Arc<Lanes>,
+    shard: usize,
+) -> impl std::future::Future<Output = Result<(), LaneError>> + Send + 'static {
+    let token = lane_token(session, shard as u8);
+    let (connector, endpoint, lanes) = (connector.clone(), endpoint.to_string(), lanes.clone());
+    let (connect_timeout, handshake_timeout) = (config.connect_timeout, config.handshake_timeout);
+    let limit = crate::transport_stream_limit(config.max_link_streams);
+    async move {
+        let failed = |e: String| LaneError::Failed(e);
+        let preface = |role| ConnPreface {
+            role,
+            session: token,
+        };
+        let mut forward = open_tls(&connector, &endpoint, connect_timeout)
+            .await
+            .map_err(failed)?;
+        forward
+            .write_all(&preface(ConnRole::LaneForward).encode())
+            .await
+            .map_err(|e| failed(format!("{endpoint}: {e}")))?;
+        let mut reverse = open_tls(&connector, &endpoint, connect_timeout)
+            .await
+            .map_err(failed)?;
+        reverse
+            .write_all(&preface(ConnRole::LaneReverse).encode())
+            .await
+            .map_err(|e| failed(format!("{endpoint}: {e}")))?;
+        let mut ready = [0u8; 1];
+        match tokio::time::timeout(handshake_timeout, forward.read_exact(&mut ready)).await {
+            Ok(Ok(_)) if ready[0] == LANE_READY => {}
+            Ok(Ok(_)) => return Err(failed(format!("{endpoint}: unexpected answer to a lane"))),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Err(LaneError::NoShard)
+            }
+            Ok(Err(e)) => return Err(failed(format!("{endpoint}: {e}"))),
+            Err(_) => {
+                return Err(failed(format!(
+                    "{endpoint}: the peer did not take it in time"
+                )))
+            }
+        }
+        // On the forward connection this site is the HTTP/2 client, on the reverse one the
+        // acceptor is.
+        lanes
+            .add(shard, forward, reverse, limit)
+            .await
+            .map_err(|e| failed(format!("{endpoint}: {e}")))
+    }
 }
 
 async fn open_tls(
@@ -449,5 +505,137 @@ mod tests {
             assert!(d >= config.backoff_min / 2);
         }
         assert!(backoff(&config, 30) >= config.backoff_max / 2);
+    }
+
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use skiff_certs::{Authority, Revocations};
+    use tokio::net::TcpListener;
+    use uuid::Uuid;
+
+    use crate::proto::preface::CONN_PREFACE_LEN;
+
+    /// What the acceptor of [`lanes_against`] does with the connections it gets.
+    #[derive(Clone, Copy)]
+    enum Acceptor {
+        /// Drops the first `n` connections unanswered, as a site at its handshake limit does,
+        /// then takes lanes.
+        DropsFirst(usize),
+        /// Has no shard for a lane: closes its forward connection after the preface.
+        NoShard,
+    }
+
+    /// Runs [`add_lanes`] for a two-shard site against an acceptor on a real TLS port that
+    /// behaves as `acceptor` says; returns how many lanes came up and how many connections the
+    /// acceptor got.
+    async fn lanes_against(acceptor: Acceptor) -> (usize, usize) {
+        let ca = Authority::generate(Uuid::from_u128(1), "b").unwrap();
+        let server = ca.issue_server(&["127.0.0.1".to_string()], DAY).unwrap();
+        let (key_pem, csr) = skiff_certs::generate_csr(Uuid::from_u128(2), "a").unwrap();
+        let client = CertifiedKey {
+            cert_pem: ca
+                .sign_client_csr(&csr, Uuid::from_u128(2), "a", DAY)
+                .unwrap(),
+            key_pem,
+        };
+        let server_tls =
+            skiff_certs::server_config(ca.cert_pem(), &server, Revocations::new([]), &[ALPN_LINK])
+                .unwrap();
+        let client_tls =
+            skiff_certs::client_config(ca.cert_pem(), Some(&client), None, &[ALPN_LINK]).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = listener.local_addr().unwrap().to_string();
+        let seen = Arc::new(AtomicUsize::new(0));
+        let served = tokio::spawn(serve_lanes(listener, server_tls, acceptor, seen.clone()));
+
+        // The dialer's first pair, in memory: lanes need its server half.
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let dead = CancellationToken::new();
+        let (first_server, first_client) = tokio::join!(
+            ServerHalf::start(a, 10, dead.clone()),
+            ClientHalf::start(b, CancellationToken::new()),
+        );
+        let (first_server, _first_client) = (first_server.unwrap(), first_client.unwrap());
+        let lanes = Lanes::new(&first_server, dead, 2, Default::default());
+        let mut config = crate::Config::new(Uuid::from_u128(2), "a");
+        config.shards = vec![tokio::runtime::Handle::current()];
+        config.backoff_min = Duration::from_millis(10);
+        config.backoff_max = Duration::from_millis(20);
+        let adding = add_lanes(
+            config,
+            TlsConnector::from(client_tls),
+            endpoint,
+            [7; 16],
+            lanes.clone(),
+        );
+        tokio::time::timeout(Duration::from_secs(30), adding)
+            .await
+            .expect("add_lanes returns");
+        served.abort();
+        (lanes.up(), seen.load(Ordering::SeqCst))
+    }
+
+    async fn serve_lanes(
+        listener: TcpListener,
+        tls: Arc<rustls::ServerConfig>,
+        acceptor: Acceptor,
+        seen: Arc<AtomicUsize>,
+    ) {
+        let tls = tokio_rustls::TlsAcceptor::from(tls);
+        let mut forward = None;
+        let mut lanes = Vec::new();
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let n = seen.fetch_add(1, Ordering::SeqCst);
+            if matches!(acceptor, Acceptor::DropsFirst(first) if n < first) {
+                drop(tcp);
+                continue;
+            }
+            let mut conn = tls
+                .accept(super::super::tls::LinkTcp::new(tcp))
+                .await
+                .unwrap();
+            conn.write_all(&[LINK_ACCEPTED]).await.unwrap();
+            let mut raw = [0u8; CONN_PREFACE_LEN];
+            conn.read_exact(&mut raw).await.unwrap();
+            match (ConnPreface::decode(&raw).unwrap().role, acceptor) {
+                (ConnRole::LaneForward, Acceptor::NoShard) => drop(conn),
+                (ConnRole::LaneForward, _) => forward = Some(conn),
+                (ConnRole::LaneReverse, _) => {
+                    let Some(mut forward) = forward.take() else {
+                        continue;
+                    };
+                    forward.write_all(&[LANE_READY]).await.unwrap();
+                    let dead = CancellationToken::new();
+                    let (server, client) = tokio::join!(
+                        ServerHalf::start(forward, 10, dead.clone()),
+                        ClientHalf::start(conn, dead),
+                    );
+                    lanes.push((server.unwrap(), client.unwrap()));
+                }
+                (role, _) => panic!("unexpected {role:?}"),
+            }
+        }
+    }
+
+    const DAY: Duration = Duration::from_secs(24 * 3600);
+
+    #[tokio::test]
+    async fn a_lane_whose_connection_was_dropped_is_tried_again() {
+        // The first attempt's forward connection is dropped; the second attempt's two
+        // connections make the lane.
+        assert_eq!(lanes_against(Acceptor::DropsFirst(1)).await, (1, 3));
+    }
+
+    #[tokio::test]
+    async fn a_lane_that_keeps_failing_is_left_out() {
+        let (up, seen) = lanes_against(Acceptor::DropsFirst(usize::MAX)).await;
+        assert_eq!((up, seen), (0, LANE_ATTEMPTS as usize));
+    }
+
+    #[tokio::test]
+    async fn a_lane_the_peer_has_no_shard_for_is_not_tried_again() {
+        // Its forward and reverse connections, once.
+        assert_eq!(lanes_against(Acceptor::NoShard).await, (0, 2));
     }
 }
