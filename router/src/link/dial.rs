@@ -494,7 +494,16 @@ async fn open_tls(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use skiff_certs::{Authority, Revocations};
+    use tokio::net::TcpListener;
+    use uuid::Uuid;
+
     use super::*;
+    use crate::proto::preface::CONN_PREFACE_LEN;
+
+    const DAY: Duration = Duration::from_secs(24 * 3600);
 
     #[test]
     fn backoff_is_capped_and_jittered() {
@@ -506,14 +515,6 @@ mod tests {
         }
         assert!(backoff(&config, 30) >= config.backoff_max / 2);
     }
-
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    use skiff_certs::{Authority, Revocations};
-    use tokio::net::TcpListener;
-    use uuid::Uuid;
-
-    use crate::proto::preface::CONN_PREFACE_LEN;
 
     /// What the acceptor of [`lanes_against`] does with the connections it gets.
     #[derive(Clone, Copy)]
@@ -617,8 +618,6 @@ mod tests {
             }
         }
     }
-
-    const DAY: Duration = Duration::from_secs(24 * 3600);
 
     #[tokio::test]
     async fn a_lane_whose_connection_was_dropped_is_tried_again() {
