@@ -315,15 +315,11 @@ async fn handshake(
         .map_err(|e| format!("{endpoint}: {e}"))?;
     hello(inner, link, endpoint, &mut control).await?;
 
-    let mut reverse = open_tls(connector, endpoint, config.connect_timeout).await?;
     let preface = ConnPreface {
         role: ConnRole::Reverse,
         session,
     };
-    reverse
-        .write_all(&preface.encode())
-        .await
-        .map_err(|e| format!("{endpoint}: {e}"))?;
+    let reverse = open_with_preface(connector, endpoint, config.connect_timeout, preface).await?;
     let limit = crate::transport_stream_limit(config.max_link_streams);
     let server = ServerHalf::start(reverse, limit, dead.clone())
         .await
@@ -419,24 +415,15 @@ fn add_lane(
     let limit = crate::transport_stream_limit(config.max_link_streams);
     async move {
         let failed = |e: String| LaneError::Failed(e);
-        let preface = |role| ConnPreface {
-            role,
-            session: token,
+        let open = |role| {
+            let preface = ConnPreface {
+                role,
+                session: token,
+            };
+            open_with_preface(&connector, &endpoint, connect_timeout, preface)
         };
-        let mut forward = open_tls(&connector, &endpoint, connect_timeout)
-            .await
-            .map_err(failed)?;
-        forward
-            .write_all(&preface(ConnRole::LaneForward).encode())
-            .await
-            .map_err(|e| failed(format!("{endpoint}: {e}")))?;
-        let mut reverse = open_tls(&connector, &endpoint, connect_timeout)
-            .await
-            .map_err(failed)?;
-        reverse
-            .write_all(&preface(ConnRole::LaneReverse).encode())
-            .await
-            .map_err(|e| failed(format!("{endpoint}: {e}")))?;
+        let mut forward = open(ConnRole::LaneForward).await.map_err(failed)?;
+        let reverse = open(ConnRole::LaneReverse).await.map_err(failed)?;
         let mut ready = [0u8; 1];
         match tokio::time::timeout(handshake_timeout, forward.read_exact(&mut ready)).await {
             Ok(Ok(_)) if ready[0] == LANE_READY => {}
@@ -458,6 +445,20 @@ fn add_lane(
             .await
             .map_err(|e| failed(format!("{endpoint}: {e}")))
     }
+}
+
+/// A link connection to `endpoint` ([`open_tls`]) that has said what it is for.
+async fn open_with_preface(
+    connector: &TlsConnector,
+    endpoint: &str,
+    connect_timeout: Duration,
+    preface: ConnPreface,
+) -> Result<tokio_rustls::client::TlsStream<super::tls::LinkTcp>, String> {
+    let mut tls = open_tls(connector, endpoint, connect_timeout).await?;
+    tls.write_all(&preface.encode())
+        .await
+        .map_err(|e| format!("{endpoint}: {e}"))?;
+    Ok(tls)
 }
 
 async fn open_tls(
