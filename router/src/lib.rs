@@ -317,6 +317,17 @@ pub(crate) struct Links {
     next_session: u64,
 }
 
+impl Links {
+    /// Every link's status, outgoing first, each group sorted by name.
+    fn statuses(&self) -> Vec<LinkStatus> {
+        self.outgoing
+            .values()
+            .map(|l| l.status.clone())
+            .chain(self.incoming.values().map(|l| l.status.clone()))
+            .collect()
+    }
+}
+
 pub(crate) struct Outgoing {
     pub(crate) status: LinkStatus,
     pub(crate) cancel: CancellationToken,
@@ -604,15 +615,7 @@ impl Router {
 
     /// A snapshot of every link, outgoing first, each group sorted by name.
     pub fn links(&self) -> Vec<LinkStatus> {
-        let links: Vec<LinkStatus> = {
-            let links = self.inner.lock();
-            links
-                .outgoing
-                .values()
-                .map(|l| l.status.clone())
-                .chain(links.incoming.values().map(|l| l.status.clone()))
-                .collect()
-        };
+        let links = self.inner.lock().statuses();
         self.inner.count_lanes(links)
     }
 
@@ -709,12 +712,7 @@ impl Inner {
         let result = {
             let mut links = self.lock();
             let result = f(&mut links);
-            let all: Vec<LinkStatus> = links
-                .outgoing
-                .values()
-                .map(|l| l.status.clone())
-                .chain(links.incoming.values().map(|l| l.status.clone()))
-                .collect();
+            let all = links.statuses();
             // Under the table lock, so concurrent updates export their snapshots in order.
             self.metrics.refresh_links(&all);
             result
