@@ -39,7 +39,8 @@
 //!
 //! The machine may be shared: each timed measurement records the CPU other processes used
 //! meanwhile and is repeated (bounded) when that was above 0.1 cores. `SKIFF_E2E_ROUTES` picks
-//! routes (e.g. `skiff-TLS,haproxy-plain`). A proxy process needs two file descriptors per
+//! routes (e.g. `skiff-TLS,haproxy-plain`), and `SKIFF_BIN` a skiff binary to run instead of
+//! the one cargo built (the profile-guided build of `pgo/build.sh`, say). A proxy process needs two file descriptors per
 //! connection and a skiff router one, so with a low open-file limit the proxies hold fewer idle
 //! connections; the per-connection figures divide by the number held. docs/performance.md
 //! ("Speed against the peers") has a run's results and how to read them.
@@ -158,6 +159,9 @@ fn main() {
 // ---------------------------------------------------------------------------------------------
 // The network namespace
 // ---------------------------------------------------------------------------------------------
+
+/// Names a skiff binary to measure instead of the one cargo built for the bench.
+const SKIFF_BIN_ENV: &str = "SKIFF_BIN";
 
 /// Set in the copy of the bench that runs in a network namespace of its own.
 const NETNS_ENV: &str = "SKIFF_E2E_NETNS";
@@ -1292,11 +1296,20 @@ fn haproxy(lab: &mut Lab, label: &'static str, tls: bool, hops: usize) -> Result
 }
 
 /// `skiff --state-dir DIR ARGS...`, bounded; fails unless it exits 0.
+/// The skiff binary the routes run: the one cargo built for the bench, or the one `SKIFF_BIN`
+/// names (say, the profile-guided build of `pgo/build.sh`).
+fn skiff_bin() -> &'static str {
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var(SKIFF_BIN_ENV).unwrap_or_else(|_| env!("CARGO_BIN_EXE_skiff").to_string())
+    })
+}
+
 fn skiff_cli(state: &Path, args: &[&str]) -> Result<String> {
     let state = state.to_string_lossy();
     let mut full = vec!["--state-dir", &state];
     full.extend_from_slice(args);
-    let out = run_bounded(env!("CARGO_BIN_EXE_skiff"), &full, Duration::from_secs(60))?;
+    let out = run_bounded(skiff_bin(), &full, Duration::from_secs(60))?;
     if !out.ok {
         bail!(
             "skiff {} failed: {}{}",
@@ -1351,12 +1364,12 @@ fn skiff_site(
                 "--tool=callgrind".to_string(),
                 "--instr-atstart=no".to_string(),
                 format!("--callgrind-out-file={}.%p", out.display()),
-                env!("CARGO_BIN_EXE_skiff").to_string(),
+                skiff_bin().to_string(),
             ];
             wrapped.extend(args);
             (valgrind.to_string(), wrapped)
         }
-        None => (env!("CARGO_BIN_EXE_skiff").to_string(), args),
+        None => (skiff_bin().to_string(), args),
     };
     let mut proc = Proc::spawn(&format!("skiff site {name}"), &log, &program, &args)?;
     wait_until(
@@ -2353,6 +2366,13 @@ fn run() -> Result<()> {
         eprintln!("  in a network namespace of its own, ephemeral ports {EPHEMERAL_PORTS}");
     }
     let tools = ensure_tools();
+    if !Path::new(skiff_bin()).is_file() {
+        bail!(
+            "{SKIFF_BIN_ENV}={} is not a file: build it first (pgo/build.sh)",
+            skiff_bin()
+        );
+    }
+    eprintln!("  skiff: {}", skiff_bin());
     let dir = tempfile::Builder::new().prefix("skiff-e2e-").tempdir()?;
     // The worker count is set here so that TOKIO_WORKER_THREADS, when set to experiment with
     // the daemons (which inherit the environment), leaves the clients as they are.
@@ -2604,6 +2624,7 @@ fn run() -> Result<()> {
         "unix_time": SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         "git_commit": command_line("git", &["-C", manifest, "rev-parse", "HEAD"]),
         "git_dirty": command_line("git", &["-C", manifest, "status", "--porcelain"]).map(|s| !s.is_empty()),
+        "skiff_binary": skiff_bin(),
         "kernel": command_line("uname", &["-r"]),
         "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
         "load_average_before": load_before,

@@ -749,6 +749,26 @@ fn the_image_is_what_the_deployment_runs() {
     );
     assert!(last_stage.contains("\nUSER 65532"), "runs as uid 65532");
     assert!(last_stage.contains("55671/udp"), "declares the QUIC port");
+    let build = dockerfile.split("\nFROM ").nth(1).expect("a build stage");
+    assert!(
+        build.contains("pgo/build.sh --target \"$target\" --out /out/skiff"),
+        "the image's binary is the profile-guided build"
+    );
+    let script = root().join("pgo/build.sh");
+    let mode = std::fs::metadata(&script).unwrap().permissions();
+    assert!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o111 != 0,
+        "pgo/build.sh is executable"
+    );
+    let help = std::process::Command::new(&script)
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.contains("Usage: pgo/build.sh [--target TRIPLE]") && !help.contains("set -e"),
+        "pgo/build.sh --help prints its usage: {help}"
+    );
     let ignore = std::fs::read_to_string(root().join(".dockerignore")).unwrap();
     assert!(
         ignore.lines().any(|l| l.trim() == "target"),
