@@ -46,6 +46,37 @@ pub(crate) struct Pending {
     lanes: HashMap<[u8; 16], LaneSlot>,
 }
 
+impl Pending {
+    /// Registers a lane's forward connection from `peer` as waiting for its reverse one, which
+    /// is sent on `forward`; returns the lane's shard and the link's lanes, or `None` when no
+    /// link of `peer`'s expects this lane. A newer attempt at the lane replaces one still
+    /// waiting: the dialer gave up on that one and tried again, and the older attempt's
+    /// receiver is told at once (its sender is dropped).
+    fn await_lane_reverse(
+        &mut self,
+        token: &[u8; 16],
+        peer: Uuid,
+        forward: oneshot::Sender<ServerTls>,
+    ) -> Option<(usize, Arc<Lanes>)> {
+        match self.lanes.get_mut(token) {
+            Some(slot) if slot.peer == peer => {
+                slot.forward = Some(forward);
+                Some((slot.shard, slot.lanes.clone()))
+            }
+            _ => None,
+        }
+    }
+
+    /// Takes the sender of the lane's forward connection from `peer` that waits for its
+    /// reverse connection, if there is one.
+    fn lane_forward(&mut self, token: &[u8; 16], peer: Uuid) -> Option<oneshot::Sender<ServerTls>> {
+        match self.lanes.get_mut(token) {
+            Some(slot) if slot.peer == peer => slot.forward.take(),
+            _ => None,
+        }
+    }
+}
+
 /// A lane an incoming link may add.
 struct LaneSlot {
     peer: Uuid,
@@ -133,13 +164,11 @@ pub(crate) async fn run(inner: Arc<Inner>, mut tls: ServerTls) {
             role: ConnRole::LaneReverse,
             session,
         }) => {
-            let waiter = {
-                let mut pending = inner.pending.lock().unwrap_or_else(|e| e.into_inner());
-                match pending.lanes.get_mut(&session) {
-                    Some(slot) if slot.peer == peer => slot.forward.take(),
-                    _ => None,
-                }
-            };
+            let waiter = inner
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .lane_forward(&session, peer);
             match waiter {
                 Some(tx) => {
                     let _ = tx.send(tls);
@@ -161,18 +190,11 @@ pub(crate) async fn run(inner: Arc<Inner>, mut tls: ServerTls) {
 /// adding lanes (it is not an error; the link carries on with the lanes it has).
 async fn lane(inner: Arc<Inner>, forward: ServerTls, peer: Uuid, token: [u8; 16]) {
     let (tx, rx) = oneshot::channel();
-    let slot = {
-        let mut pending = inner.pending.lock().unwrap_or_else(|e| e.into_inner());
-        match pending.lanes.get_mut(&token) {
-            // A newer attempt at the lane replaces one still waiting for its reverse
-            // connection: the dialer gave up on that one and tried again.
-            Some(slot) if slot.peer == peer => {
-                slot.forward = Some(tx);
-                Some((slot.shard, slot.lanes.clone()))
-            }
-            _ => None,
-        }
-    };
+    let slot = inner
+        .pending
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .await_lane_reverse(&token, peer, tx);
     let Some((shard, lanes)) = slot else {
         tracing::debug!(%peer, "no shard for this lane; closing it");
         return;
@@ -569,4 +591,73 @@ async fn run_incoming(
     }
     .instrument(span)
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::sync::oneshot::error::TryRecvError;
+
+    use super::*;
+
+    /// A slot for lane `token` of `peer`'s link, on shard 1.
+    async fn pending_with_lane(token: [u8; 16], peer: Uuid) -> Pending {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let dead = CancellationToken::new();
+        let (server, client) = tokio::join!(
+            ServerHalf::start(a, 10, dead.clone()),
+            ClientHalf::start(b, dead.clone()),
+        );
+        let (server, _client) = (server.unwrap(), client.unwrap());
+        let mut pending = Pending::default();
+        let slot = LaneSlot {
+            peer,
+            shard: 1,
+            lanes: Lanes::new(&server, dead, 2, Default::default()),
+            forward: None,
+        };
+        pending.lanes.insert(token, slot);
+        pending
+    }
+
+    #[tokio::test]
+    async fn a_lane_is_paired_only_for_the_site_whose_link_expects_it() {
+        let (token, peer, other) = ([7; 16], Uuid::from_u128(1), Uuid::from_u128(2));
+        let mut pending = pending_with_lane(token, peer).await;
+        let (tx, mut rx) = oneshot::channel();
+        assert!(pending.await_lane_reverse(&token, other, tx).is_none());
+        // The other site's attempt is refused: its sender is gone.
+        assert!(matches!(rx.try_recv(), Err(TryRecvError::Closed)));
+        let (tx, _rx) = oneshot::channel();
+        assert!(pending.await_lane_reverse(&[8; 16], peer, tx).is_none());
+
+        let (tx, mut rx) = oneshot::channel();
+        let (shard, _) = pending.await_lane_reverse(&token, peer, tx).unwrap();
+        assert_eq!(shard, 1);
+        assert!(pending.lane_forward(&token, other).is_none());
+        assert!(matches!(rx.try_recv(), Err(TryRecvError::Empty)));
+        let forward = pending
+            .lane_forward(&token, peer)
+            .expect("the waiting forward half");
+        // Taken once: a second reverse connection finds nothing to pair with.
+        assert!(pending.lane_forward(&token, peer).is_none());
+        drop(forward);
+        assert!(matches!(rx.try_recv(), Err(TryRecvError::Closed)));
+    }
+
+    #[tokio::test]
+    async fn a_newer_attempt_at_a_lane_replaces_the_waiting_one() {
+        let (token, peer) = ([7; 16], Uuid::from_u128(1));
+        let mut pending = pending_with_lane(token, peer).await;
+        let (first, mut first_rx) = oneshot::channel();
+        assert!(pending.await_lane_reverse(&token, peer, first).is_some());
+        let (second, mut second_rx) = oneshot::channel();
+        assert!(pending.await_lane_reverse(&token, peer, second).is_some());
+        // The first attempt stops waiting at once, rather than at its timeout.
+        assert!(matches!(first_rx.try_recv(), Err(TryRecvError::Closed)));
+        // The reverse connection goes to the newer attempt.
+        let forward = pending.lane_forward(&token, peer).unwrap();
+        assert!(matches!(second_rx.try_recv(), Err(TryRecvError::Empty)));
+        drop(forward);
+        assert!(matches!(second_rx.try_recv(), Err(TryRecvError::Closed)));
+    }
 }
