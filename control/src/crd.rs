@@ -156,6 +156,10 @@ pub struct LinkStatus {
     /// Last heartbeat round trip in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rtt_ms: Option<f64>,
+    /// While up over TLS: the lanes besides the first connection pair, one per further shard
+    /// both sites run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lanes: Option<usize>,
 }
 
 /// Permission for other sites to link to this one: the site issues a token for it.

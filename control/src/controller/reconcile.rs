@@ -739,6 +739,7 @@ async fn apply_link(link: &Link, ctx: &Context) -> Result<Action, Error> {
                 state: Some(view.state.clone()),
                 transport: view.transport.clone(),
                 rtt_ms: view.rtt_ms.map(|r| (r * 10.0).round() / 10.0),
+                lanes: view.lanes,
             }
         }
         None => LinkStatus {
@@ -755,6 +756,7 @@ async fn apply_link(link: &Link, ctx: &Context) -> Result<Action, Error> {
             state: None,
             transport: None,
             rtt_ms: None,
+            lanes: None,
         },
     };
     set_status(&api, link, status, &next).await?;

@@ -612,6 +612,19 @@ async fn fake_grant_token_and_link_across_two_clusters() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(up, "the link came up and its status says so");
+    // The status shows what the router reports: the transport and the lanes beside it.
+    let status = get::<Link>(&dev_api, LINKS, &name).await.status.unwrap();
+    let links: Vec<LinkView> = dev.admin().get("/v1/links").await.unwrap();
+    let view = links.iter().find(|l| l.name == name).unwrap();
+    assert_eq!(status.transport.as_deref(), Some("tls"), "{status:?}");
+    assert!(
+        status.lanes.is_some(),
+        "a TLS link reports its lanes: {status:?}"
+    );
+    assert_eq!(
+        (status.transport, status.lanes),
+        (view.transport.clone(), view.lanes)
+    );
     let grant: AccessGrant = get(&stg_api, GRANTS, "for-dev").await;
     reconcile::grant(Arc::new(grant), stg_ctx.clone())
         .await
