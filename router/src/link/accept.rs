@@ -58,22 +58,20 @@ impl Pending {
         peer: Uuid,
         forward: oneshot::Sender<ServerTls>,
     ) -> Option<(usize, Arc<Lanes>)> {
-        match self.lanes.get_mut(token) {
-            Some(slot) if slot.peer == peer => {
-                slot.forward = Some(forward);
-                Some((slot.shard, slot.lanes.clone()))
-            }
-            _ => None,
-        }
+        let slot = self.lane_slot(token, peer)?;
+        slot.forward = Some(forward);
+        Some((slot.shard, slot.lanes.clone()))
     }
 
     /// Takes the sender of the lane's forward connection from `peer` that waits for its
     /// reverse connection, if there is one.
     fn lane_forward(&mut self, token: &[u8; 16], peer: Uuid) -> Option<oneshot::Sender<ServerTls>> {
-        match self.lanes.get_mut(token) {
-            Some(slot) if slot.peer == peer => slot.forward.take(),
-            _ => None,
-        }
+        self.lane_slot(token, peer)?.forward.take()
+    }
+
+    /// Lane `token`'s slot, if a link of `peer`'s expects it.
+    fn lane_slot(&mut self, token: &[u8; 16], peer: Uuid) -> Option<&mut LaneSlot> {
+        self.lanes.get_mut(token).filter(|slot| slot.peer == peer)
     }
 }
 
@@ -601,18 +599,12 @@ mod tests {
 
     /// A slot for lane `token` of `peer`'s link, on shard 1.
     async fn pending_with_lane(token: [u8; 16], peer: Uuid) -> Pending {
-        let (a, b) = tokio::io::duplex(1 << 16);
-        let dead = CancellationToken::new();
-        let (server, client) = tokio::join!(
-            ServerHalf::start(a, 10, dead.clone()),
-            ClientHalf::start(b, dead.clone()),
-        );
-        let (server, _client) = (server.unwrap(), client.unwrap());
+        let (lanes, _first_pair) = super::super::tls::lanes_in_memory(2).await;
         let mut pending = Pending::default();
         let slot = LaneSlot {
             peer,
             shard: 1,
-            lanes: Lanes::new(&server, dead, 2, Default::default()),
+            lanes,
             forward: None,
         };
         pending.lanes.insert(token, slot);

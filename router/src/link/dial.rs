@@ -551,14 +551,7 @@ mod tests {
         let served = tokio::spawn(serve_lanes(listener, server_tls, acceptor, seen.clone()));
 
         // The dialer's first pair, in memory: lanes need its server half.
-        let (a, b) = tokio::io::duplex(1 << 16);
-        let dead = CancellationToken::new();
-        let (first_server, first_client) = tokio::join!(
-            ServerHalf::start(a, 10, dead.clone()),
-            ClientHalf::start(b, CancellationToken::new()),
-        );
-        let (first_server, _first_client) = (first_server.unwrap(), first_client.unwrap());
-        let lanes = Lanes::new(&first_server, dead, 2, Default::default());
+        let (lanes, _first_pair) = super::super::tls::lanes_in_memory(2).await;
         let mut config = crate::Config::new(Uuid::from_u128(2), "a");
         config.shards = vec![tokio::runtime::Handle::current()];
         config.backoff_min = Duration::from_millis(10);

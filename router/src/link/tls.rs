@@ -766,6 +766,21 @@ fn link_closed(e: h2::Error) -> StreamError {
     StreamError::LinkClosed(e.to_string())
 }
 
+/// Test support: a link's lanes for a site of `shards` shards, made with the server half of a
+/// first pair in memory, which is returned too, to be kept while the lanes are used.
+#[cfg(test)]
+pub(crate) async fn lanes_in_memory(shards: usize) -> (Arc<Lanes>, (ServerHalf, ClientHalf)) {
+    let (a, b) = tokio::io::duplex(1 << 16);
+    let dead = CancellationToken::new();
+    let (server, client) = tokio::join!(
+        ServerHalf::start(a, 10, dead.clone()),
+        ClientHalf::start(b, CancellationToken::new()),
+    );
+    let (server, client) = (server.unwrap(), client.unwrap());
+    let lanes = Lanes::new(&server, dead, shards, Gauge::default());
+    (lanes, (server, client))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
