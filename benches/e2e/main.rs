@@ -35,7 +35,8 @@
 //!
 //! Missing tools (iperf3, stunnel4, haproxy, openssl, valgrind) are installed with apt-get when
 //! running as root; otherwise the rows that need them are left empty. `cargo test` runs bench
-//! targets without `--bench`; this one then returns at once.
+//! targets without `--bench`; this one then returns at once. The table, its ratios and the
+//! targets are built in `report.rs`, which `tests/bench_report.rs` checks with made-up figures.
 //!
 //! The machine may be shared: each timed measurement records the CPU other processes used
 //! meanwhile and is repeated (bounded) when that was above 0.1 cores. `SKIFF_E2E_ROUTES` picks
@@ -45,7 +46,7 @@
 //! connections; the per-connection figures divide by the number held. docs/performance.md
 //! ("Speed against the peers") has a run's results and how to read them.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::fs;
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener as StdTcpListener, UdpSocket};
@@ -62,6 +63,14 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;
+
+mod report;
+
+use report::{
+    build_rows, cell, table, targets, Latency, Measured, Memory, Rate, Throughput, DIRECT,
+    HAPROXY_PLAIN, HAPROXY_TLS, HAPROXY_TLS_2HOP, SKIFF_QUIC, SKIFF_QUIC_2HOP, SKIFF_QUIC_BUSY,
+    SKIFF_TLS, SKIFF_TLS_2HOP, SKIFF_TLS_BUSY, SKIFF_TLS_ONE, STUNNEL,
+};
 
 /// Length of each iperf3 run.
 const THROUGHPUT_SECS: u64 = 5;
@@ -101,33 +110,10 @@ const IDLE_BACKEND_FLAG: &str = "--e2e-idle-backend";
 /// e.g. `skiff-TLS,haproxy-plain`); all when unset.
 const ROUTES_ENV: &str = "SKIFF_E2E_ROUTES";
 
-/// The one-hop routes in table order; `direct` first, then the peers, then skiff.
-const DIRECT: &str = "direct";
-const STUNNEL: &str = "stunnel mTLS";
-const HAPROXY_TLS: &str = "haproxy mTLS";
-const HAPROXY_PLAIN: &str = "haproxy plain";
-const SKIFF_TLS: &str = "skiff TLS";
-const SKIFF_QUIC: &str = "skiff QUIC";
-const SKIFF_TLS_2HOP: &str = "skiff TLS 2-hop";
-const SKIFF_QUIC_2HOP: &str = "skiff QUIC 2-hop";
-/// The haproxy mTLS pair with a relay between them: what a second TLS hop costs a peer.
-const HAPROXY_TLS_2HOP: &str = "haproxy mTLS 2-hop";
-const SKIFF_TLS_BUSY: &str = "skiff TLS busy-poll";
-const SKIFF_QUIC_BUSY: &str = "skiff QUIC busy-poll";
 /// What the busy-poll routes add to `site run`.
 const BUSY_POLL_ARGS: [&str; 4] = ["--threads", "1", "--busy-poll", "200us"];
-const SKIFF_TLS_ONE: &str = "skiff TLS one thread";
 /// Not a route of the table: the skiff TLS route run again under callgrind.
 const INSTRUCTIONS: &str = "skiff TLS instructions";
-const PEERS: [&str; 3] = [STUNNEL, HAPROXY_TLS, HAPROXY_PLAIN];
-const COLUMNS: [&str; 6] = [
-    DIRECT,
-    STUNNEL,
-    HAPROXY_TLS,
-    HAPROXY_PLAIN,
-    SKIFF_TLS,
-    SKIFF_QUIC,
-];
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -751,19 +737,6 @@ async fn ready(addr: SocketAddr, timeout: Duration) -> Result<()> {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
-struct Rate {
-    per_second: f64,
-    completed: u64,
-    failed: u64,
-    first_error: Option<String>,
-    /// CPU time of the tunnel processes per completed connection.
-    tunnel_cpu_us_per_connection: Option<f64>,
-    /// Share of the machine's CPU time that was idle during the run (0 to 1): what a route
-    /// whose processes wait on each other leaves unused.
-    machine_idle: f64,
-}
-
 async fn connection_rate(
     addr: SocketAddr,
     clients: usize,
@@ -802,16 +775,6 @@ async fn connection_rate(
     let elapsed = started.elapsed().as_secs_f64();
     let error = first_error.lock().unwrap().take();
     (ok, failed, error, elapsed)
-}
-
-#[derive(Debug, Clone, Serialize)]
-struct Latency {
-    samples: usize,
-    mean_us: f64,
-    p50_us: f64,
-    p99_us: f64,
-    p999_us: f64,
-    max_us: f64,
 }
 
 async fn ping_pong(addr: SocketAddr) -> Result<Latency> {
@@ -1500,53 +1463,6 @@ fn skiff_route(
 // Measurements
 // ---------------------------------------------------------------------------------------------
 
-#[derive(Debug, Clone, Serialize)]
-struct Throughput {
-    streams: usize,
-    gbit_per_s: f64,
-    bytes: u64,
-    retransmits: Option<u64>,
-    /// CPU time of the tunnel processes per GB (10^9 bytes) moved.
-    tunnel_cpu_ms_per_gb: Option<f64>,
-    /// Cores the tunnel processes kept busy on average.
-    tunnel_cores: Option<f64>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-struct Memory {
-    connections: usize,
-    failed: usize,
-    first_error: Option<String>,
-    client_side_before_kib: u64,
-    client_side_after_kib: u64,
-    client_side_after_close_kib: u64,
-    server_side_before_kib: u64,
-    server_side_after_kib: u64,
-    server_side_after_close_kib: u64,
-    client_side_kib_per_connection: f64,
-    server_side_kib_per_connection: f64,
-}
-
-#[derive(Debug, Default, Serialize)]
-struct Measured {
-    label: String,
-    note: String,
-    throughput_1: Option<Throughput>,
-    throughput_8: Option<Throughput>,
-    /// Connection rate with [`RATE_CLIENTS`]`[0]` and `[1]` concurrent clients.
-    rate_8: Option<Rate>,
-    rate_64: Option<Rate>,
-    latency: Option<Latency>,
-    memory: Option<Memory>,
-    /// UDP datagrams the kernel dropped for full receive buffers while the route was measured
-    /// (system-wide counter; only QUIC links use UDP here).
-    udp_receive_buffer_drops: u64,
-    /// CPU that processes other than this bench and its children used during each timed
-    /// measurement (the attempt kept), in cores on average: how disturbed the figures are.
-    other_processes_cores: BTreeMap<String, f64>,
-    errors: Vec<String>,
-}
-
 fn iperf(lab: &mut Lab, route: &Route, streams: usize) -> Result<Throughput> {
     let program = lab
         .tools
@@ -1971,351 +1887,6 @@ fn measure(lab: &mut Lab, mut route: Route, idle: usize) -> Measured {
 // ---------------------------------------------------------------------------------------------
 // Report
 // ---------------------------------------------------------------------------------------------
-
-/// One row of the table: a value per column, and for rows skiff has but the peers do not (two
-/// hops), the reference values for the ratios.
-struct Row {
-    label: String,
-    values: [Option<f64>; 6],
-    /// Direct and the three peers, for the ratios; `values[0..4]` unless set.
-    reference: Option<[Option<f64>; 4]>,
-    higher_is_better: bool,
-    decimals: usize,
-}
-
-impl Row {
-    fn from(
-        results: &[Measured],
-        label: &str,
-        higher_is_better: bool,
-        decimals: usize,
-        get: impl Fn(&Measured) -> Option<f64>,
-    ) -> Row {
-        let values = COLUMNS.map(|c| results.iter().find(|m| m.label == c).and_then(&get));
-        Row {
-            label: label.to_string(),
-            values,
-            reference: None,
-            higher_is_better,
-            decimals,
-        }
-    }
-
-    fn reference(&self) -> [Option<f64>; 4] {
-        self.reference.unwrap_or([
-            self.values[0],
-            self.values[1],
-            self.values[2],
-            self.values[3],
-        ])
-    }
-
-    /// The best of the peers' values and whose it is.
-    fn best_peer(&self) -> Option<(f64, &'static str)> {
-        let reference = self.reference();
-        let peers = PEERS
-            .iter()
-            .zip(&reference[1..])
-            .filter_map(|(name, v)| v.map(|v| (v, *name)));
-        if self.higher_is_better {
-            peers.max_by(|a, b| a.0.total_cmp(&b.0))
-        } else {
-            peers.min_by(|a, b| a.0.total_cmp(&b.0))
-        }
-    }
-
-    /// Skiff's value (column 4 or 5) divided by direct's and by the best peer's.
-    fn ratios(&self, column: usize) -> (Option<f64>, Option<f64>) {
-        let ratio = |value: Option<f64>, base: Option<f64>| match (value, base) {
-            (Some(v), Some(b)) if b > 0.0 => Some(v / b),
-            _ => None,
-        };
-        (
-            ratio(self.values[column], self.reference()[0]),
-            ratio(self.values[column], self.best_peer().map(|b| b.0)),
-        )
-    }
-}
-
-fn cell(value: Option<f64>, decimals: usize) -> String {
-    value.map_or_else(|| "–".to_string(), |v| format!("{v:.decimals$}"))
-}
-
-fn ratio_cell(value: Option<f64>) -> String {
-    value.map_or_else(|| "–".to_string(), |v| format!("{v:.2}×"))
-}
-
-/// A metric of the table: its label, whether higher is better, its decimals, how to read it.
-type Metric = (&'static str, bool, usize, fn(&Measured) -> Option<f64>);
-
-fn build_rows(results: &[Measured]) -> Vec<Row> {
-    let find = |label: &str| results.iter().find(|m| m.label == label);
-    let metrics: [Metric; 15] = [
-        ("throughput, 1 stream (Gbit/s) ↑", true, 2, |m| {
-            m.throughput_1.as_ref().map(|t| t.gbit_per_s)
-        }),
-        ("throughput, 8 streams (Gbit/s) ↑", true, 2, |m| {
-            m.throughput_8.as_ref().map(|t| t.gbit_per_s)
-        }),
-        ("tunnel CPU, 1 stream (ms per GB) ↓", false, 0, |m| {
-            m.throughput_1.as_ref().and_then(|t| t.tunnel_cpu_ms_per_gb)
-        }),
-        ("tunnel CPU, 8 streams (ms per GB) ↓", false, 0, |m| {
-            m.throughput_8.as_ref().and_then(|t| t.tunnel_cpu_ms_per_gb)
-        }),
-        ("connections per second, 8 clients ↑", true, 0, |m| {
-            m.rate_8.as_ref().map(|r| r.per_second)
-        }),
-        (
-            "tunnel CPU per connection, 8 clients (µs) ↓",
-            false,
-            0,
-            |m| {
-                m.rate_8
-                    .as_ref()
-                    .and_then(|r| r.tunnel_cpu_us_per_connection)
-            },
-        ),
-        ("connections per second, 64 clients ↑", true, 0, |m| {
-            m.rate_64.as_ref().map(|r| r.per_second)
-        }),
-        (
-            "tunnel CPU per connection, 64 clients (µs) ↓",
-            false,
-            0,
-            |m| {
-                m.rate_64
-                    .as_ref()
-                    .and_then(|r| r.tunnel_cpu_us_per_connection)
-            },
-        ),
-        ("RTT p50 (µs) ↓", false, 1, |m| {
-            m.latency.as_ref().map(|l| l.p50_us)
-        }),
-        ("RTT p99 (µs) ↓", false, 1, |m| {
-            m.latency.as_ref().map(|l| l.p99_us)
-        }),
-        ("RTT p99.9 (µs) ↓", false, 1, |m| {
-            m.latency.as_ref().map(|l| l.p999_us)
-        }),
-        ("RSS, listener side, 10k idle (MiB) ↓", false, 1, |m| {
-            m.memory
-                .as_ref()
-                .map(|x| x.client_side_after_kib as f64 / 1024.0)
-        }),
-        ("RSS, connector side, 10k idle (MiB) ↓", false, 1, |m| {
-            m.memory
-                .as_ref()
-                .map(|x| x.server_side_after_kib as f64 / 1024.0)
-        }),
-        (
-            "KiB per idle connection, listener side ↓",
-            false,
-            1,
-            |m| m.memory.as_ref().map(|x| x.client_side_kib_per_connection),
-        ),
-        (
-            "KiB per idle connection, connector side ↓",
-            false,
-            1,
-            |m| m.memory.as_ref().map(|x| x.server_side_kib_per_connection),
-        ),
-    ];
-    let mut rows: Vec<Row> = metrics
-        .iter()
-        .map(|&(label, higher, decimals, get)| Row::from(results, label, higher, decimals, get))
-        .collect();
-    // Variants of the skiff routes (two hops, busy-polling): metric `i` of the routes `tls` and
-    // `quic` in the skiff columns, and of `haproxy` (if any) in haproxy mTLS's column; ratios
-    // against the one-hop row's direct and peers.
-    let variant = |[haproxy, tls, quic]: [Option<&str>; 3], prefix: &str, i: usize| {
-        let (label, higher_is_better, decimals, get) = metrics[i];
-        let value = |route: Option<&str>| route.and_then(find).and_then(get);
-        Row {
-            label: format!("{prefix}{label}"),
-            values: [None, None, value(haproxy), None, value(tls), value(quic)],
-            reference: Some(rows[i].reference()),
-            higher_is_better,
-            decimals,
-        }
-    };
-    // Throughput with 1 and 8 streams, connections per second (8 and 64 clients), RTT p50.
-    let two_hop = [0, 1, 4, 6, 8].map(|i| {
-        let routes = [HAPROXY_TLS_2HOP, SKIFF_TLS_2HOP, SKIFF_QUIC_2HOP].map(Some);
-        variant(routes, "2-hop ", i)
-    });
-    // Throughput with 1 stream, connections per second and their CPU (8 and 64 clients), RTT
-    // p50 and p99.
-    let busy = [0, 4, 5, 6, 7, 8, 9].map(|i| {
-        let routes = [None, Some(SKIFF_TLS_BUSY), Some(SKIFF_QUIC_BUSY)];
-        variant(routes, "busy-poll: ", i)
-    });
-    // Throughput with 1 and 8 streams and its CPU, connections per second and their CPU (8
-    // and 64 clients), RTT p50 and p99.
-    let one_thread = [0, 1, 2, 4, 5, 6, 7, 8, 9].map(|i| {
-        let routes = [None, Some(SKIFF_TLS_ONE), None];
-        variant(routes, "one thread: ", i)
-    });
-    // 2-hop ÷ 1-hop, in the skiff columns and haproxy mTLS's.
-    let hop_ratio = |label: &str, two: &Row, one: &Row| Row {
-        label: label.to_string(),
-        values: [
-            None,
-            None,
-            two.values[2].zip(one.values[2]).map(|(a, b)| a / b),
-            None,
-            two.values[4].zip(one.values[4]).map(|(a, b)| a / b),
-            two.values[5].zip(one.values[5]).map(|(a, b)| a / b),
-        ],
-        reference: Some([None; 4]),
-        higher_is_better: true,
-        decimals: 2,
-    };
-    let ratio_1 = hop_ratio("2-hop ÷ 1-hop, 1 stream ↑", &two_hop[0], &rows[0]);
-    let ratio_8 = hop_ratio("2-hop ÷ 1-hop, 8 streams ↑", &two_hop[1], &rows[1]);
-    rows.extend(two_hop);
-    rows.push(ratio_1);
-    rows.push(ratio_8);
-    rows.extend(busy);
-    rows.extend(one_thread);
-    rows
-}
-
-fn table(rows: &[Row]) -> String {
-    let mut out = String::new();
-    let header = [
-        "metric",
-        DIRECT,
-        STUNNEL,
-        HAPROXY_TLS,
-        HAPROXY_PLAIN,
-        SKIFF_TLS,
-        SKIFF_QUIC,
-        "TLS ÷ direct",
-        "TLS ÷ best peer",
-        "QUIC ÷ direct",
-        "QUIC ÷ best peer",
-        "best peer",
-    ];
-    out += &format!("| {} |\n", header.join(" | "));
-    out += &format!("|{}\n", "---|".repeat(header.len()));
-    for row in rows {
-        let mut cells = vec![row.label.clone()];
-        cells.extend(row.values.iter().map(|v| cell(*v, row.decimals)));
-        let (tls_direct, tls_peer) = row.ratios(4);
-        let (quic_direct, quic_peer) = row.ratios(5);
-        cells.extend([tls_direct, tls_peer, quic_direct, quic_peer].map(ratio_cell));
-        cells.push(
-            row.best_peer()
-                .map(|(v, name)| format!("{name} ({v:.prec$})", prec = row.decimals))
-                .unwrap_or_else(|| "–".into()),
-        );
-        out += &format!("| {} |\n", cells.join(" | "));
-    }
-    out
-}
-
-#[derive(Debug, Serialize)]
-struct Target {
-    target: String,
-    transport: String,
-    value: Option<f64>,
-    goal: String,
-    met: Option<bool>,
-}
-
-/// A target's goal: at least or at most this ratio (or size).
-#[derive(Clone, Copy)]
-enum Goal {
-    AtLeast(f64),
-    AtMost(f64),
-}
-
-impl Goal {
-    fn text(self) -> String {
-        match self {
-            Goal::AtLeast(g) => format!("≥ {g:?}"),
-            Goal::AtMost(g) => format!("≤ {g:?}"),
-        }
-    }
-
-    fn met(self, value: f64) -> bool {
-        match self {
-            Goal::AtLeast(g) => value >= g,
-            Goal::AtMost(g) => value <= g,
-        }
-    }
-}
-
-fn targets(results: &[Measured]) -> Vec<Target> {
-    let find = |label: &str| results.iter().find(|m| m.label == label);
-    let t1 = |m: &Measured| m.throughput_1.as_ref().map(|t| t.gbit_per_s);
-    let t8 = |m: &Measured| m.throughput_8.as_ref().map(|t| t.gbit_per_s);
-    let rate_8 = |m: &Measured| m.rate_8.as_ref().map(|r| r.per_second);
-    let rate_64 = |m: &Measured| m.rate_64.as_ref().map(|r| r.per_second);
-    let p50 = |m: &Measured| m.latency.as_ref().map(|l| l.p50_us);
-    let get = |label: &str, f: &dyn Fn(&Measured) -> Option<f64>| find(label).and_then(f);
-    let div =
-        |a: Option<f64>, b: Option<f64>| a.zip(b).filter(|(_, b)| *b > 0.0).map(|(a, b)| a / b);
-    let mut out = Vec::new();
-    for (transport, one, two, busy) in [
-        ("TLS", SKIFF_TLS, SKIFF_TLS_2HOP, SKIFF_TLS_BUSY),
-        ("QUIC", SKIFF_QUIC, SKIFF_QUIC_2HOP, SKIFF_QUIC_BUSY),
-    ] {
-        let mut add = |target: String, value: Option<f64>, goal: Goal| {
-            out.push(Target {
-                target,
-                transport: transport.to_string(),
-                value,
-                goal: goal.text(),
-                met: value.map(|v| goal.met(v)),
-            })
-        };
-        add(
-            "single-stream throughput ÷ haproxy mTLS".into(),
-            div(get(one, &t1), get(HAPROXY_TLS, &t1)),
-            Goal::AtLeast(1.5),
-        );
-        // The rate and latency targets, also for a site that trades CPU time for latency.
-        for (prefix, route) in [("", one), ("busy-poll: ", busy)] {
-            for (clients, rate) in [
-                (8, &rate_8 as &dyn Fn(&Measured) -> Option<f64>),
-                (64, &rate_64),
-            ] {
-                add(
-                    format!("{prefix}connection rate, {clients} clients ÷ haproxy plain"),
-                    div(get(route, rate), get(HAPROXY_PLAIN, rate)),
-                    Goal::AtLeast(1.0),
-                );
-            }
-            add(
-                format!("{prefix}p50 RTT ÷ haproxy plain"),
-                div(get(route, &p50), get(HAPROXY_PLAIN, &p50)),
-                Goal::AtMost(1.0),
-            );
-        }
-        let mem = find(one).and_then(|m| m.memory.as_ref());
-        for (side, kib) in [
-            ("listener", mem.map(|m| m.client_side_kib_per_connection)),
-            ("connector", mem.map(|m| m.server_side_kib_per_connection)),
-        ] {
-            add(
-                format!("KiB per idle connection, {side} side"),
-                kib,
-                Goal::AtMost(16.0),
-            );
-        }
-        for (streams, t) in [(1, &t1 as &dyn Fn(&Measured) -> Option<f64>), (8, &t8)] {
-            let noun = if streams == 1 { "stream" } else { "streams" };
-            add(
-                format!("2-hop ÷ 1-hop, {streams} {noun}"),
-                div(get(two, t), get(one, t)),
-                Goal::AtLeast(0.7),
-            );
-        }
-    }
-    out
-}
 
 fn loadavg() -> String {
     fs::read_to_string("/proc/loadavg")
