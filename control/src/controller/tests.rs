@@ -38,10 +38,19 @@ const SLICES: &str = "/apis/discovery.k8s.io/v1/namespaces/skiff/endpointslices"
 struct TestSite {
     dir: TempDir,
     stop: CancellationToken,
+    /// The runtimes of the router's further shards.
+    shards: Vec<tokio::runtime::Runtime>,
 }
 
 impl TestSite {
+    /// A site with one shard, the test's own runtime.
     async fn start(name: &str) -> TestSite {
+        TestSite::start_sharded(name, 1).await
+    }
+
+    /// A site whose router runs `shards` shards: the test's runtime and one more runtime of
+    /// one thread for each further shard, as `skiff site run --threads` gives it.
+    async fn start_sharded(name: &str, shards: usize) -> TestSite {
         let dir = tempfile::tempdir().unwrap();
         let store = crate::Store::new(dir.path());
         crate::init(
@@ -63,8 +72,18 @@ impl TestSite {
             quic: None,
         };
         let stop = CancellationToken::new();
+        let shards: Vec<tokio::runtime::Runtime> = (1..shards)
+            .map(|_| {
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .enable_all()
+                    .build()
+                    .unwrap()
+            })
+            .collect();
         let options = crate::site::RunOptions {
             access_log: false,
+            shards: shards.iter().map(|r| r.handle().clone()).collect(),
             ..Default::default()
         };
         tokio::spawn(crate::site::run_with(
@@ -73,7 +92,7 @@ impl TestSite {
             options,
             stop.clone(),
         ));
-        let site = TestSite { dir, stop };
+        let site = TestSite { dir, stop, shards };
         for _ in 0..100 {
             if site
                 .admin()
@@ -109,6 +128,10 @@ impl TestSite {
 impl Drop for TestSite {
     fn drop(&mut self) {
         self.stop.cancel();
+        // A test's async context may not block on a runtime's shutdown.
+        for shard in self.shards.drain(..) {
+            shard.shutdown_background();
+        }
     }
 }
 
@@ -525,8 +548,9 @@ async fn fake_listener_lifecycle_is_idempotent_and_cleans_up() {
 
 #[tokio::test]
 async fn fake_grant_token_and_link_across_two_clusters() {
-    let stg = TestSite::start("stg").await;
-    let dev = TestSite::start("dev").await;
+    // Two shards each, so that the link adds a lane for the second and the status shows it.
+    let stg = TestSite::start_sharded("stg", 2).await;
+    let dev = TestSite::start_sharded("dev", 2).await;
     let (stg_api, dev_api) = (FakeApi::default(), FakeApi::default());
     let (stg_ctx, dev_ctx) = (
         stg.context(stg_api.client(NS)),
@@ -612,15 +636,25 @@ async fn fake_grant_token_and_link_across_two_clusters() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(up, "the link came up and its status says so");
-    // The status shows what the router reports: the transport and the lanes beside it.
-    let status = get::<Link>(&dev_api, LINKS, &name).await.status.unwrap();
+    // The status shows what the router reports: the transport and the lanes beside it. The
+    // lane for the second shard comes up after the link; the status follows on a reconcile.
+    let mut status = None;
+    for _ in 0..100 {
+        let link: Link = get(&dev_api, LINKS, &name).await;
+        reconcile::link(Arc::new(link), dev_ctx.clone())
+            .await
+            .unwrap();
+        let now = get::<Link>(&dev_api, LINKS, &name).await.status.unwrap();
+        if now.lanes == Some(1) {
+            status = Some(now);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = status.expect("the link's lane for the second shard shows in its status");
     let links: Vec<LinkView> = dev.admin().get("/v1/links").await.unwrap();
     let view = links.iter().find(|l| l.name == name).unwrap();
     assert_eq!(status.transport.as_deref(), Some("tls"), "{status:?}");
-    assert!(
-        status.lanes.is_some(),
-        "a TLS link reports its lanes: {status:?}"
-    );
     assert_eq!(
         (status.transport, status.lanes),
         (view.transport.clone(), view.lanes)
