@@ -97,9 +97,7 @@ impl From<rcgen::Error> for Error {
 /// Result with this crate's [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// The crypto provider used everywhere (aws-lc-rs). Every rustls config in this crate is built
-/// with it. Its AES-GCM seals a 16 KiB record about one and a half times as fast as ring's on
-/// a CPU with AVX-512 (docs/performance.md).
+/// The crypto provider used everywhere (ring). Every rustls config in this crate is built with it.
 ///
 /// TLS 1.3 suites only, AES-128-GCM first: both ends of a link are skiff, so this is what links
 /// use. It is as strong as a link needs and its ten AES rounds cost less per byte than
@@ -108,8 +106,8 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     static PROVIDER: OnceLock<Arc<rustls::crypto::CryptoProvider>> = OnceLock::new();
     PROVIDER
         .get_or_init(|| {
-            use rustls::crypto::aws_lc_rs::cipher_suite;
-            let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+            use rustls::crypto::ring::cipher_suite;
+            let mut provider = rustls::crypto::ring::default_provider();
             provider.cipher_suites = vec![
                 cipher_suite::TLS13_AES_128_GCM_SHA256,
                 cipher_suite::TLS13_AES_256_GCM_SHA384,

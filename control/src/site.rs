@@ -1850,7 +1850,7 @@ fn split_pem(pem: &str) -> Option<CertifiedKey> {
 }
 
 fn sha256(data: &[u8]) -> [u8; 32] {
-    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data);
+    let digest = ring::digest::digest(&ring::digest::SHA256, data);
     let mut out = [0u8; 32];
     out.copy_from_slice(digest.as_ref());
     out
