@@ -49,7 +49,7 @@ impl TestSite {
     }
 
     /// A site whose router runs `shards` shards: the test's runtime and one more runtime of
-    /// one thread for each further shard, as `skiff site run --threads` gives it.
+    /// one thread for each further shard, as `skiff site run --shards` gives it.
     async fn start_sharded(name: &str, shards: usize) -> TestSite {
         let dir = tempfile::tempdir().unwrap();
         let store = crate::Store::new(dir.path());
