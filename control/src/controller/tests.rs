@@ -21,7 +21,8 @@ use super::reconcile::{self, Context, FINALIZER};
 use super::resources;
 use crate::admin::{self, ConnectorView, LinkView, ListenerView};
 use crate::crd::{
-    AccessGrant, AccessTokenResource, Connector, ConnectorSpec, Link, Listener, ListenerSpec,
+    AccessGrant, AccessTokenResource, Connector, ConnectorSpec, Link, LinkStatus, Listener,
+    ListenerSpec,
 };
 
 const NS: &str = "skiff";
@@ -464,6 +465,26 @@ async fn get<K: serde::de::DeserializeOwned>(fake: &FakeApi, collection: &str, n
     .unwrap()
 }
 
+/// Reconciles the Link `name` every 100 ms, for at most 10 s, until its status satisfies
+/// `done`; that status, or `None` if it never did.
+async fn reconcile_link_until(
+    fake: &FakeApi,
+    ctx: &Arc<Context>,
+    name: &str,
+    done: impl Fn(&LinkStatus) -> bool,
+) -> Option<LinkStatus> {
+    for _ in 0..100 {
+        let link: Link = get(fake, LINKS, name).await;
+        reconcile::link(Arc::new(link), ctx.clone()).await.unwrap();
+        let link: Link = get(fake, LINKS, name).await;
+        if let Some(status) = link.status.filter(|s| done(s)) {
+            return Some(status);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
 #[tokio::test]
 async fn fake_listener_lifecycle_is_idempotent_and_cleans_up() {
     let site = TestSite::start("dev").await;
@@ -622,36 +643,16 @@ async fn fake_grant_token_and_link_across_two_clusters() {
     reconcile::token(Arc::new(token), dev_ctx.clone())
         .await
         .unwrap();
-    let mut up = false;
-    for _ in 0..100 {
-        let link: Link = get(&dev_api, LINKS, &name).await;
-        reconcile::link(Arc::new(link), dev_ctx.clone())
-            .await
-            .unwrap();
-        let link: Link = get(&dev_api, LINKS, &name).await;
-        if link.status.as_ref().and_then(|s| s.state.as_deref()) == Some("up") {
-            up = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(up, "the link came up and its status says so");
+    let up = reconcile_link_until(&dev_api, &dev_ctx, &name, |s| {
+        s.state.as_deref() == Some("up")
+    })
+    .await;
+    assert!(up.is_some(), "the link came up and its status says so");
     // The status shows what the router reports: the transport and the lanes beside it. The
     // lane for the second shard comes up after the link; the status follows on a reconcile.
-    let mut status = None;
-    for _ in 0..100 {
-        let link: Link = get(&dev_api, LINKS, &name).await;
-        reconcile::link(Arc::new(link), dev_ctx.clone())
-            .await
-            .unwrap();
-        let now = get::<Link>(&dev_api, LINKS, &name).await.status.unwrap();
-        if now.lanes == Some(1) {
-            status = Some(now);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let status = status.expect("the link's lane for the second shard shows in its status");
+    let status = reconcile_link_until(&dev_api, &dev_ctx, &name, |s| s.lanes == Some(1))
+        .await
+        .expect("the link's lane for the second shard shows in its status");
     let links: Vec<LinkView> = dev.admin().get("/v1/links").await.unwrap();
     let view = links.iter().find(|l| l.name == name).unwrap();
     assert_eq!(status.transport.as_deref(), Some("tls"), "{status:?}");
