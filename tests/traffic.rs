@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{cpu_seconds, free_port, hold_for, report, wait_for, Site};
+use common::{cpu_seconds, free_port, hold_for, refusing_port, report, wait_for, Site};
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket};
@@ -1174,7 +1174,8 @@ fn a_refusing_site_is_skipped() {
     let c = Site::start("c");
     a.link_to(&b);
     a.link_to(&c);
-    connector(&b, "echo", "echo", free_port()); // nothing listens there
+    let refusing = refusing_port();
+    connector(&b, "echo", "echo", refusing.port); // nothing listens there
     connector(&c, "echo", "echo", echo.port);
     let port = listener(&a, "echo", "balanced");
     wait_targets(&a, "echo", &["b", "c"], &[&a, &b, &c]);

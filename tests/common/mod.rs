@@ -597,6 +597,31 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A loopback port that refuses every connection for as long as this lives: a socket holds it
+/// bound but never listens, so no other test's listener can take the port meanwhile (as one
+/// could a port from [`free_port`], whose socket is gone once it returns).
+pub struct RefusingPort {
+    _socket: tokio::net::TcpSocket,
+    /// The port.
+    pub port: u16,
+}
+
+/// A [`RefusingPort`].
+pub fn refusing_port() -> RefusingPort {
+    let socket = tokio::net::TcpSocket::new_v4().expect("cannot make a socket");
+    socket
+        .bind(([127, 0, 0, 1], 0).into())
+        .expect("cannot bind 127.0.0.1:0");
+    let port = socket
+        .local_addr()
+        .expect("bound socket has an address")
+        .port();
+    RefusingPort {
+        _socket: socket,
+        port,
+    }
+}
+
 /// Polls `probe` until it returns `Ok`, for at most `timeout`; `Err` carries the observed state.
 /// On timeout, panics with that state and every site's links and daemon log.
 pub fn wait_for<T>(
