@@ -279,6 +279,24 @@ fn the_json_report_keeps_every_figure_by_name() {
     assert_eq!(skiff["latency"]["p50_us"], 88.0);
     assert_eq!(skiff["memory"]["client_side_kib_per_connection"], 4.1);
     assert_eq!(skiff["errors"], Value::Array(vec![]));
+    // What docs/performance.md (*How to reproduce*) says each route's record holds: the
+    // percentiles, retransmits, RSS before, after and after closing, the machine's idle share
+    // in each rate run, the UDP receive-buffer drops and the interference per measurement.
+    for (path, value) in [
+        ("/latency/p99_us", 176.0),
+        ("/latency/p999_us", 352.0),
+        ("/throughput_1/retransmits", 0.0),
+        ("/memory/client_side_before_kib", 8_192.0),
+        ("/memory/server_side_after_kib", 8_192.0 + 92_000.0),
+        ("/memory/client_side_after_close_kib", 8_292.0),
+        ("/rate_8/machine_idle", 0.05),
+        ("/rate_64/machine_idle", 0.05),
+        ("/udp_receive_buffer_drops", 0.0),
+    ] {
+        let got = skiff.pointer(path).and_then(Value::as_f64);
+        assert_eq!(got, Some(value), "{path} in {skiff}");
+    }
+    assert!(skiff["other_processes_cores"].is_object(), "{skiff}");
     let stunnel = &routes[1];
     assert_eq!(stunnel["memory"], Value::Null);
 
