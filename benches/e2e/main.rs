@@ -131,6 +131,15 @@ fn main() {
     if !args.iter().any(|a| a == "--bench") {
         return;
     }
+    // Before anything is installed or set up: a mistyped SKIFF_BIN should cost a second.
+    if !Path::new(skiff_bin()).is_file() {
+        eprintln!(
+            "e2e bench failed: {SKIFF_BIN_ENV}={} is not a file: build it first \
+             (pgo/build.sh), or unset {SKIFF_BIN_ENV} to measure the binary cargo builds",
+            skiff_bin()
+        );
+        std::process::exit(1);
+    }
     if std::env::var_os(NETNS_ENV).is_none() {
         if let Some(code) = rerun_in_own_netns(&args) {
             std::process::exit(code);
@@ -1258,7 +1267,6 @@ fn haproxy(lab: &mut Lab, label: &'static str, tls: bool, hops: usize) -> Result
     })
 }
 
-/// `skiff --state-dir DIR ARGS...`, bounded; fails unless it exits 0.
 /// The skiff binary the routes run: the one cargo built for the bench, or the one `SKIFF_BIN`
 /// names (say, the profile-guided build of `pgo/build.sh`).
 fn skiff_bin() -> &'static str {
@@ -1268,6 +1276,7 @@ fn skiff_bin() -> &'static str {
     })
 }
 
+/// `skiff --state-dir DIR ARGS...`, bounded; fails unless it exits 0.
 fn skiff_cli(state: &Path, args: &[&str]) -> Result<String> {
     let state = state.to_string_lossy();
     let mut full = vec!["--state-dir", &state];
@@ -1937,12 +1946,6 @@ fn run() -> Result<()> {
         eprintln!("  in a network namespace of its own, ephemeral ports {EPHEMERAL_PORTS}");
     }
     let tools = ensure_tools();
-    if !Path::new(skiff_bin()).is_file() {
-        bail!(
-            "{SKIFF_BIN_ENV}={} is not a file: build it first (pgo/build.sh)",
-            skiff_bin()
-        );
-    }
     eprintln!("  skiff: {}", skiff_bin());
     let dir = tempfile::Builder::new().prefix("skiff-e2e-").tempdir()?;
     // The worker count is set here so that TOKIO_WORKER_THREADS, when set to experiment with
