@@ -87,14 +87,15 @@ impl fmt::Display for Report {
 }
 
 /// Runs the workload against `skiff` (a path to the binary), each phase for about `phase`,
-/// in a temporary directory that is removed afterwards. Fails if a site does not start, a
-/// route does not carry, a reply is wrong, or a site does not stop cleanly.
+/// in a temporary directory of its own that is removed afterwards (two trainings in one process
+/// never share one). Fails if a site does not start, a route does not carry, a reply is wrong,
+/// or a site does not stop cleanly.
 pub async fn train(skiff: &Path, phase: Duration) -> Result<Report> {
-    let dir = std::env::temp_dir().join(format!("skiff-pgo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let result = run(skiff, &dir, phase).await;
-    let _ = std::fs::remove_dir_all(&dir);
-    result
+    let dir = tempfile::Builder::new()
+        .prefix("skiff-pgo-")
+        .tempdir()
+        .context("cannot create a temporary directory")?;
+    run(skiff, dir.path(), phase).await
 }
 
 async fn run(skiff: &Path, dir: &Path, phase: Duration) -> Result<Report> {
