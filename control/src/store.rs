@@ -18,6 +18,7 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -117,7 +118,7 @@ impl Store {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let tmp = parent.join(format!(".{file_name}.tmp{}", std::process::id()));
+        let tmp = parent.join(format!(".{file_name}{}", temporary_suffix()));
         let result = (|| {
             let mut file = fs::OpenOptions::new()
                 .write(true)
@@ -162,9 +163,7 @@ impl Store {
     /// after something irrevocable, such as spending a token's use at another site: reserve
     /// first, act, drop the reservation, write.
     pub fn reserve(&self, bytes: usize) -> Result<Reservation, Error> {
-        let path = self
-            .dir
-            .join(format!(".reserved.tmp{}", std::process::id()));
+        let path = self.dir.join(format!(".reserved{}", temporary_suffix()));
         let result = (|| {
             let mut file = fs::OpenOptions::new()
                 .write(true)
@@ -196,6 +195,15 @@ impl Store {
             source: e,
         }
     }
+}
+
+/// `.tmpPID.N`, a suffix no other write or reservation, in this process or another, uses at the
+/// same time: two writes of one file (a link's certificate renewed while it is written anew)
+/// must not share a temporary file, nor two link creations under way at once a reservation.
+fn temporary_suffix() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!(".tmp{}.{n}", std::process::id())
 }
 
 /// Space held in the state dir by [`Store::reserve`]; released when dropped.
@@ -256,7 +264,13 @@ mod tests {
         let before = files();
         let reservation = store.reserve(10_000).unwrap();
         assert_eq!(files(), before + 1);
+        // Two held at once (two link creations under way) are two files: dropping one leaves
+        // the other's space held.
+        let second = store.reserve(10_000).unwrap();
+        assert_eq!(files(), before + 2);
         drop(reservation);
+        assert_eq!(files(), before + 1);
+        drop(second);
         assert_eq!(files(), before);
     }
 
