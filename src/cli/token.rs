@@ -63,15 +63,49 @@ pub async fn run(command: TokenCommand, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Writes a secret to `path`, readable by its owner only (0600): a new file is created so, and
+/// an existing one (say, made by `skiff token issue > FILE` earlier) is made so before the
+/// secret goes in, as the mode given when opening applies only to a file it creates.
 pub(crate) fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
         .open(path)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
     file.write_all(contents)?;
     file.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::write_private;
+
+    fn mode(path: &std::path::Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn a_token_file_is_private_whether_new_or_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let new = dir.path().join("new.token");
+        write_private(&new, b"secret").unwrap();
+        assert_eq!(mode(&new), 0o600);
+
+        let old = dir.path().join("old.token");
+        std::fs::write(&old, b"an older, longer token").unwrap();
+        std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o644)).unwrap();
+        write_private(&old, b"secret").unwrap();
+        assert_eq!(
+            mode(&old),
+            0o600,
+            "an existing world-readable file kept its mode"
+        );
+        assert_eq!(std::fs::read(&old).unwrap(), b"secret");
+    }
 }
