@@ -52,10 +52,14 @@ pub fn snapshot(store: &Store) -> std::io::Result<Snapshot> {
     Ok(files)
 }
 
-/// Writes `files` into `store`'s directory (creating it), private files with mode 0600.
+/// Writes `files` into `store`'s directory (creating it), private files with mode 0600, and
+/// `site.json` last, as `skiff site init` does: its presence marks the site as initialised, so
+/// a restore cut short (the container killed, a write failed) is restored again at the next
+/// start instead of running a site without its state.
 pub fn write_snapshot(store: &Store, files: &Snapshot) -> Result<(), crate::Error> {
     store.create_dir()?;
-    for (key, bytes) in files {
+    let (marker, rest): (Vec<_>, Vec<_>) = files.iter().partition(|(key, _)| *key == "site.json");
+    for (key, bytes) in rest.into_iter().chain(marker) {
         let Some(path) = file_of_key(key) else {
             tracing::warn!(key = %key, "ignoring unknown key in the state Secret");
             continue;
@@ -232,5 +236,22 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o077, 0, "the CA key is private");
+    }
+
+    #[test]
+    fn a_restore_cut_short_leaves_no_site_behind() {
+        let mut files = Snapshot::new();
+        for key in ["ca.key", "ca.pem", "site.json", "state.json"] {
+            files.insert(key.to_string(), b"{}".to_vec());
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        // A directory where state.json goes makes its write fail, as a full disk would.
+        std::fs::create_dir_all(dir.path().join("state.json")).unwrap();
+        assert!(write_snapshot(&store, &files).is_err());
+        assert!(
+            !dir.path().join("site.json").exists(),
+            "site.json was written before the state it marks as restored"
+        );
     }
 }
