@@ -141,9 +141,9 @@ pub trait Hooks: Send + Sync + 'static {
     /// Linking side: the peer renewed the client certificate of link `name`. Must persist it
     /// before returning: the router uses it for every later connection.
     fn renewed(&self, name: &str, cert: &CertifiedKey) -> Result<(), String>;
-    /// Accepting side, just before an incoming link is registered: may `peer` link now? (The
-    /// TLS layer already refuses revoked sites; this closes the window where a revocation lands
-    /// during a link's setup.)
+    /// Accepting side, when an incoming link's hello arrives and again once the link is
+    /// registered: may `peer` link now? (The TLS layer already refuses revoked sites; this
+    /// closes the window where a revocation lands during a link's setup.)
     fn admit(&self, peer: Uuid, peer_name: &str) -> Result<(), String>;
 }
 
@@ -581,15 +581,7 @@ impl Router {
     /// Closes the incoming links of `site` at once, telling it `reason`, and forgets them (used
     /// on revocation; the TLS layer refuses the site's next handshakes).
     pub fn close_site(&self, site: Uuid, reason: &str) {
-        let closed = self.inner.update(|links| links.incoming.remove(&site));
-        if let Some(link) = closed {
-            self.inner
-                .closing
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(site, reason.to_string());
-            link.cancel.cancel();
-        }
+        self.inner.close_site(site, reason);
     }
 
     /// Serves QUIC links on `socket` (the UDP link port) with the site's TLS server config,
@@ -782,6 +774,19 @@ impl Inner {
             old.cancel.cancel();
         }
         session
+    }
+
+    /// Closes the incoming link of `site`, if one is registered, telling it `reason`
+    /// ([`Router::close_site`]).
+    pub(crate) fn close_site(&self, site: Uuid, reason: &str) {
+        let closed = self.update(|links| links.incoming.remove(&site));
+        if let Some(link) = closed {
+            self.closing
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(site, reason.to_string());
+            link.cancel.cancel();
+        }
     }
 
     /// Updates an incoming link's status if `session` is still the current one for that site.

@@ -535,6 +535,19 @@ async fn quic(
     }
 }
 
+/// Registers an incoming link that is up (see [`Inner::add_incoming`]), and closes it at once,
+/// with the reason, if its site was revoked since it was admitted: a revocation closes the
+/// links it finds registered, and one still being set up (its hellos, its reverse connection)
+/// was not yet among them. Returns the session number.
+fn register_incoming(inner: &Inner, status: LinkStatus, cancel: &CancellationToken) -> u64 {
+    let (peer, peer_name) = (status.peer_site, status.peer_name.clone());
+    let session = inner.add_incoming(status, cancel.clone());
+    if let Err(reason) = inner.hooks.admit(peer, &peer_name) {
+        inner.close_site(peer, &reason);
+    }
+    session
+}
+
 /// Registers an incoming link that is up and runs its session.
 async fn run_incoming(
     inner: Arc<Inner>,
@@ -561,7 +574,7 @@ async fn run_incoming(
         transport: Some(kind),
         lanes: None,
     };
-    let session_no = inner.add_incoming(status, cancel.clone());
+    let session_no = register_incoming(&inner, status, &cancel);
     let span = tracing::info_span!("link", link = %peer_name, %peer, direction = "incoming");
     async {
         tracing::info!(transport = kind.as_str(), "link up");
@@ -634,6 +647,80 @@ mod tests {
         assert!(pending.lane_forward(&token, peer).is_none());
         drop(forward);
         assert!(matches!(rx.try_recv(), Err(TryRecvError::Closed)));
+    }
+
+    /// Hooks of a site that refuses every peer once `revoked` is set.
+    struct Revoking {
+        revoked: std::sync::atomic::AtomicBool,
+    }
+
+    impl crate::Hooks for Revoking {
+        fn renew(&self, _: Uuid, _: &str, _: &str) -> Result<String, String> {
+            Err("not in this test".into())
+        }
+        fn renewed(&self, _: &str, _: &skiff_certs::CertifiedKey) -> Result<(), String> {
+            Ok(())
+        }
+        fn admit(&self, _: Uuid, peer_name: &str) -> Result<(), String> {
+            match self.revoked.load(std::sync::atomic::Ordering::SeqCst) {
+                true => Err(format!("site {peer_name} was revoked")),
+                false => Ok(()),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_link_whose_site_was_revoked_during_its_setup_is_closed_as_it_registers() {
+        let hooks = Arc::new(Revoking {
+            revoked: false.into(),
+        });
+        let metrics =
+            crate::Metrics::register(&mut prometheus_client::registry::Registry::default());
+        let router = crate::Router::new(
+            crate::Config::new(Uuid::from_u128(9), "stg"),
+            hooks.clone(),
+            CancellationToken::new(),
+            metrics,
+        );
+        let status = |peer: Uuid, name: &str| LinkStatus {
+            name: name.into(),
+            direction: Direction::Incoming,
+            peer_site: peer,
+            peer_name: name.into(),
+            state: LinkState::Up,
+            rtt: None,
+            cost: 1,
+            since: SystemTime::now(),
+            last_error: None,
+            cert_expires: None,
+            connects: 0,
+            transport: None,
+            lanes: None,
+        };
+        let incoming = |peer: Uuid| {
+            router
+                .links()
+                .iter()
+                .any(|l| l.direction == Direction::Incoming && l.peer_site == peer)
+        };
+
+        let (dev, cancel) = (Uuid::from_u128(1), CancellationToken::new());
+        register_incoming(&router.inner, status(dev, "dev"), &cancel);
+        assert!(incoming(dev) && !cancel.is_cancelled());
+
+        // Revoked after its hello was admitted, before it registered.
+        hooks
+            .revoked
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let (prod, cancel) = (Uuid::from_u128(2), CancellationToken::new());
+        register_incoming(&router.inner, status(prod, "prod"), &cancel);
+        assert!(
+            cancel.is_cancelled(),
+            "the revoked site's link was left running"
+        );
+        assert!(!incoming(prod));
+        let reason = router.inner.closing.lock().unwrap().get(&prod).cloned();
+        assert_eq!(reason.as_deref(), Some("site prod was revoked"));
     }
 
     #[tokio::test]
