@@ -423,12 +423,22 @@ async fn answer(req: Request<hyper::body::Incoming>, handler: Handler) -> Respon
     let path = req.uri().path().to_string();
     let (status, body) = match Limited::new(req.into_body(), MAX_BODY).collect().await {
         Ok(collected) => {
-            handler(ApiRequest {
+            // A task of its own, so that a client that goes away (Ctrl-C on `skiff link
+            // create`), which ends the connection and drops this future, does not cut a
+            // request short halfway: between spending a token at the issuing site and saving
+            // the link it made, say.
+            let request = ApiRequest {
                 method,
                 path,
                 body: collected.to_bytes(),
-            })
-            .await
+            };
+            match tokio::spawn(handler(request)).await {
+                Ok(answer) => answer,
+                Err(e) => error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("the request failed inside the daemon ({e}); see its log"),
+                ),
+            }
         }
         Err(e) => error(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -573,5 +583,52 @@ impl Client {
             });
         }
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_request_runs_to_its_end_when_the_client_goes_away() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("admin.sock");
+        let finished = Arc::new(AtomicBool::new(false));
+        let handler: Handler = {
+            let finished = finished.clone();
+            Arc::new(move |_request| {
+                let finished = finished.clone();
+                Box::pin(async move {
+                    // A step that takes a while, like redeeming a token at another site.
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    finished.store(true, Ordering::SeqCst);
+                    ok(&serde_json::json!({}))
+                })
+            })
+        };
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(serve(bind(&path).unwrap(), handler, shutdown.clone()));
+
+        let mut client = tokio::net::UnixStream::connect(&path).await.unwrap();
+        client
+            .write_all(b"POST /v1/links HTTP/1.1\r\nhost: skiff\r\ncontent-length: 2\r\n\r\n{}")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(client);
+
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(
+            finished.load(Ordering::SeqCst),
+            "the request was cut short when its client went away"
+        );
+        shutdown.cancel();
+        server.await.unwrap();
     }
 }
