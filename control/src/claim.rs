@@ -73,6 +73,14 @@ pub enum ClaimError {
     /// The issuer answered something that is not a claim response.
     #[error("the issuing site sent a bad answer: {0}")]
     Protocol(String),
+    /// The claim went out but no answer came back (the connection broke, or the issuer was
+    /// too busy or too slow): the token may or may not have been spent.
+    #[error(
+        "the issuing site did not answer the claim ({0}); the token may have been spent or \
+         not: run the same link create again, and if the issuing site then answers that the \
+         token was used, ask it for a new one"
+    )]
+    Unanswered(String),
 }
 
 /// Redeems `token` for a client certificate: returns the certificate PEM.
@@ -137,11 +145,14 @@ pub async fn redeem(
         let body = serde_json::to_vec(&request).map_err(|e| ClaimError::Protocol(e.to_string()))?;
         write_frame(&mut tls, &body)
             .await
-            .map_err(|e| ClaimError::Protocol(e.to_string()))?;
+            .map_err(|e| ClaimError::Unanswered(e.to_string()))?;
         let answer = tokio::time::timeout(timeout, read_frame(&mut tls))
             .await
-            .map_err(|_| ClaimError::Protocol("no answer within 10 s".into()))?
-            .map_err(|e| ClaimError::Protocol(e.to_string()))?;
+            .map_err(|_| {
+                let waited = humantime::format_duration(timeout);
+                ClaimError::Unanswered(format!("nothing within {waited}"))
+            })?
+            .map_err(|e| ClaimError::Unanswered(e.to_string()))?;
         return match serde_json::from_slice(&answer) {
             Ok(ClaimResponse::Granted { cert }) => Ok(cert),
             Ok(ClaimResponse::Refused { reason }) => Err(ClaimError::Refused(reason)),
