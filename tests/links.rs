@@ -1,6 +1,6 @@
 //! End-to-end tests of links between sites, each running the real `skiff` binary as separate
 //! daemons on loopback: token issue and redemption (one-use, multi-use, expired, wrong CA, self
-//! and duplicate links), links coming back after a crash or a restart of either side,
+//! and duplicate links, two created at once), links coming back after a crash or a restart of either side,
 //! revocation, garbage on the link port, a stopped daemon, and client certificate renewal over a
 //! live link.
 
@@ -517,6 +517,51 @@ fn self_and_duplicate_links_are_refused() {
         b.links_json()
     );
     a.link_up("b", "outgoing").unwrap();
+}
+
+#[test]
+fn two_link_creations_at_once_make_one_link() {
+    let b = Site::start("b");
+    let a = Site::start("a");
+    let tokens = [b.issue("first.yaml", &[]), b.issue("second.yaml", &[])];
+    // Two `link create` to the same site at once, as two AccessTokens applied together would
+    // make them: each redemption takes a round trip to B, during which the other runs.
+    let outs: Vec<_> = std::thread::scope(|scope| {
+        let runs: Vec<_> = tokens
+            .iter()
+            .zip(["b", "b2"])
+            .map(|(token, name)| {
+                let a = &a;
+                let token = token.to_str().unwrap();
+                scope.spawn(move || {
+                    a.cli(&["link", "create", token, "--name", name, "--wait", "10s"])
+                })
+            })
+            .collect();
+        runs.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    let made = outs.iter().filter(|o| o.status.success()).count();
+    assert_eq!(made, 1, "{} link creations succeeded, not one", made);
+    let refused = outs.iter().find(|o| !o.status.success()).unwrap();
+    let message = stderr(refused);
+    assert!(
+        message.contains("being created by another request") || message.contains("already"),
+        "unclear refusal: {message}"
+    );
+    assert_eq!(
+        a.links_json().as_array().map(Vec::len),
+        Some(1),
+        "{}",
+        a.links_json()
+    );
+    // The refused creation was stopped before its token was redeemed.
+    assert_eq!(b.status_json()["activeGrants"], 1, "{}", b.status_json());
+    wait_for(
+        "the one link up",
+        Duration::from_secs(10),
+        &[&a, &b],
+        || a.link_up("b", "outgoing"),
+    );
 }
 
 #[test]

@@ -147,6 +147,54 @@ pub struct Site {
     limits: Limits,
     /// Redemption attempts by source address.
     claim_limiter: Mutex<crate::limit::AddressLimiter>,
+    /// Links being created (their tokens being redeemed) right now.
+    creating: LinkCreations,
+}
+
+/// The links `link create` requests are creating right now, by name and peer site. A
+/// redemption takes a round trip to the issuing site, and two requests under way at once (two
+/// `kubectl apply`d AccessTokens, two scripts) could otherwise both pass the checks that a
+/// link's name is free and that no link to that site exists, spend both tokens, and leave two
+/// links to one site, or one link's certificate overwritten by the other's.
+#[derive(Default)]
+struct LinkCreations(Mutex<Vec<(String, Uuid)>>);
+
+/// A link creation under way; its name and peer are free again when this drops.
+struct LinkCreation<'a> {
+    creations: &'a LinkCreations,
+    name: String,
+}
+
+impl LinkCreations {
+    /// Registers the creation of link `name` to site `peer` (named `peer_name`), or says which
+    /// creation under way it would clash with.
+    fn begin(&self, name: &str, peer: Uuid, peer_name: &str) -> Result<LinkCreation<'_>, String> {
+        let mut creating = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if creating.iter().any(|(n, _)| n == name) {
+            return Err(format!(
+                "a link named {name} is being created by another request; see skiff link \
+                 status once it is done"
+            ));
+        }
+        if creating.iter().any(|(_, p)| *p == peer) {
+            return Err(format!(
+                "a link to site {peer_name} is being created by another request; see skiff \
+                 link status once it is done"
+            ));
+        }
+        creating.push((name.to_string(), peer));
+        Ok(LinkCreation {
+            creations: self,
+            name: name.to_string(),
+        })
+    }
+}
+
+impl Drop for LinkCreation<'_> {
+    fn drop(&mut self) {
+        let mut creating = self.creations.0.lock().unwrap_or_else(|e| e.into_inner());
+        creating.retain(|(n, _)| *n != self.name);
+    }
 }
 
 /// Default of [`RunOptions::drain_timeout`].
@@ -396,6 +444,7 @@ impl Site {
             quic_port,
             server_tls,
             listener_errors: Mutex::new(Default::default()),
+            creating: LinkCreations::default(),
             metrics,
             registry: std::sync::OnceLock::new(),
             recent_logs: options.recent_logs.clone(),
@@ -606,7 +655,13 @@ impl Site {
             state.listeners.push(record.clone());
             Ok(())
         }) {
-            return admin::error(StatusCode::INSUFFICIENT_STORAGE, e.to_string());
+            return match e {
+                Error::Invalid(m) => admin::error(
+                    StatusCode::CONFLICT,
+                    format!("{m}; delete it first or pick another --name"),
+                ),
+                e => admin::error(StatusCode::INSUFFICIENT_STORAGE, e.to_string()),
+            };
         }
         self.router.add_listener(listener_config(&record), socket);
         tracing::info!(listener = %name, key = %record.routing_key, port = record.port, "listener created");
@@ -970,6 +1025,10 @@ impl Site {
                 return admin::error(StatusCode::CONFLICT, duplicate_message(config, &existing));
             }
         }
+        let _creating = match self.creating.begin(&name, issuer.id, &issuer.name) {
+            Ok(creation) => creation,
+            Err(message) => return admin::error(StatusCode::CONFLICT, message),
+        };
         let (key_pem, csr_pem) = match skiff_certs::generate_csr(config.id, &config.name) {
             Ok(pair) => pair,
             Err(e) => return admin::error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
@@ -1017,26 +1076,55 @@ impl Site {
             quic_endpoints: token.spec.quic_endpoints.clone(),
             transport,
         };
-        let saved = self.core.save_link_cert(&name, &cert).and_then(|()| {
-            self.core.change(|state| {
-                if state.links.iter().any(|l| l.name == record.name) {
-                    return Err(Error::Invalid(format!(
-                        "a link named {} was created meanwhile",
-                        record.name
-                    )));
-                }
-                state.links.push(record.clone());
-                Ok(())
-            })
-        });
-        if let Err(e) = saved {
-            return admin::error(
-                StatusCode::INSUFFICIENT_STORAGE,
-                format!(
-                    "the token was redeemed but the link could not be saved ({e}); free space \
-                     and ask for a new token"
-                ),
-            );
+        // No other request creates this link or one to this site meanwhile (`_creating`); this
+        // holds should anything else have added one, before the certificate file is written.
+        let clash = |state: &State| {
+            let name = &record.name;
+            if state.links.iter().any(|l| l.name == *name) {
+                Some(format!("a link named {name} was created meanwhile"))
+            } else {
+                state
+                    .links
+                    .iter()
+                    .find(|l| l.peer_id == record.peer_id)
+                    .map(|l| {
+                        format!(
+                            "link {} to site {} was created meanwhile",
+                            l.name, l.peer_name
+                        )
+                    })
+            }
+        };
+        let clashes = clash(&self.core.lock());
+        let saved = match clashes {
+            Some(message) => Err(Error::Invalid(message)),
+            None => self.core.save_link_cert(&name, &cert).and_then(|()| {
+                self.core.change(|state| match clash(state) {
+                    Some(message) => Err(Error::Invalid(message)),
+                    None => {
+                        state.links.push(record.clone());
+                        Ok(())
+                    }
+                })
+            }),
+        };
+        match saved {
+            Ok(()) => {}
+            Err(Error::Invalid(message)) => {
+                return admin::error(
+                    StatusCode::CONFLICT,
+                    format!("the token was redeemed but {message}; this link is not kept"),
+                )
+            }
+            Err(e) => {
+                return admin::error(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    format!(
+                        "the token was redeemed but the link could not be saved ({e}); free \
+                         space and ask for a new token"
+                    ),
+                )
+            }
         }
         tracing::info!(link = %name, peer = %issuer.name, "link created");
         self.router.add_link(outgoing(&record, cert));
@@ -1522,6 +1610,13 @@ impl skiff_router::Hooks for Core {
     }
 
     fn renewed(&self, name: &str, cert: &CertifiedKey) -> Result<(), String> {
+        // Under the state's lock, and only for a link that still exists: a renewal answered
+        // while `link delete` runs must not put the deleted link's key back on disk.
+        let state = self.lock();
+        if !state.links.iter().any(|l| l.name == name) {
+            tracing::debug!(link = %name, "renewed certificate of a deleted link not saved");
+            return Ok(());
+        }
         self.save_link_cert(name, cert).map_err(|e| e.to_string())
     }
 
@@ -1889,5 +1984,79 @@ mod tests {
         assert_eq!(split.key_pem, key);
         assert_eq!(split.cert_pem.trim(), cert.trim());
         assert!(split_pem("garbage").is_none());
+    }
+
+    #[test]
+    fn link_creations_under_way_clash_by_name_and_by_peer() {
+        let creations = LinkCreations::default();
+        let (stg, prod) = (Uuid::new_v4(), Uuid::new_v4());
+        let first = creations.begin("stg", stg, "stg").unwrap();
+        let same_name = creations.begin("stg", prod, "prod").err().unwrap();
+        assert!(
+            same_name.contains("a link named stg is being created"),
+            "{same_name}"
+        );
+        let same_peer = creations.begin("stg-2", stg, "stg").err().unwrap();
+        assert!(
+            same_peer.contains("a link to site stg is being created"),
+            "{same_peer}"
+        );
+        let other = creations.begin("prod", prod, "prod").unwrap();
+        drop(first);
+        let again = creations.begin("stg", stg, "stg").unwrap();
+        drop((other, again));
+        assert!(creations.0.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_renewal_saves_the_certificate_of_an_existing_link_only() {
+        use skiff_router::Hooks;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        let config = init(
+            &store,
+            InitOptions {
+                name: "dev".into(),
+                link_hosts: vec![],
+                link_port: 1,
+                quic_port: None,
+                metrics_addr: None,
+                cert_lifetime: Duration::from_secs(60),
+            },
+        )
+        .unwrap();
+        let authority = Authority::from_pem(
+            &store.read("ca.pem").unwrap(),
+            &store.read("ca.key").unwrap(),
+        )
+        .unwrap();
+        let mut state = State::default();
+        state.links.push(LinkRecord {
+            name: "stg".into(),
+            peer_id: Uuid::new_v4(),
+            peer_name: "stg".into(),
+            endpoints: vec!["127.0.0.1:1".into()],
+            peer_ca: String::new(),
+            cost: 1,
+            quic_endpoints: vec![],
+            transport: "auto".into(),
+        });
+        let core = Core {
+            config,
+            store: store.clone(),
+            authority,
+            revocations: Revocations::new([]),
+            state: Mutex::new(state),
+        };
+        let cert = CertifiedKey {
+            cert_pem: "CERT".into(),
+            key_pem: "KEY".into(),
+        };
+        core.renewed("stg", &cert).unwrap();
+        assert!(dir.path().join("links/stg.pem").is_file());
+        // Deleted meanwhile (`link delete` ran while the renewal was answered): nothing is
+        // written back.
+        core.renewed("prod", &cert).unwrap();
+        assert!(!dir.path().join("links/prod.pem").exists());
     }
 }
