@@ -261,6 +261,16 @@ fn targets_are_judged_each_way_and_left_open_when_not_measured() {
 
     // A goal met exactly counts as met.
     assert!(Goal::AtLeast(0.7).met(0.7) && Goal::AtMost(1.0).met(1.0));
+
+    // What is printed agrees with the verdict: more decimals where two would round across
+    // the goal, two otherwise, and a dash for what was not measured.
+    assert_eq!(single.shown, "1.43");
+    assert_eq!(busy.shown, "–");
+    assert_eq!(Goal::AtLeast(0.7).show(0.6961), "0.696");
+    assert_eq!(Goal::AtLeast(0.7).show(0.69996), "0.7000");
+    assert_eq!(Goal::AtMost(1.0).show(1.004), "1.004");
+    assert_eq!(Goal::AtMost(1.0).show(0.996), "1.00");
+    assert_eq!(Goal::AtLeast(1.5).show(1.2799), "1.28");
 }
 
 #[test]

@@ -67,9 +67,9 @@ use tokio::runtime::Runtime;
 mod report;
 
 use report::{
-    build_rows, cell, table, targets, Latency, Measured, Memory, Rate, Throughput, DIRECT,
-    HAPROXY_PLAIN, HAPROXY_TLS, HAPROXY_TLS_2HOP, SKIFF_QUIC, SKIFF_QUIC_2HOP, SKIFF_QUIC_BUSY,
-    SKIFF_TLS, SKIFF_TLS_2HOP, SKIFF_TLS_BUSY, SKIFF_TLS_ONE, STUNNEL,
+    build_rows, table, targets, Latency, Measured, Memory, Rate, Throughput, DIRECT, HAPROXY_PLAIN,
+    HAPROXY_TLS, HAPROXY_TLS_2HOP, SKIFF_QUIC, SKIFF_QUIC_2HOP, SKIFF_QUIC_BUSY, SKIFF_TLS,
+    SKIFF_TLS_2HOP, SKIFF_TLS_BUSY, SKIFF_TLS_ONE, STUNNEL,
 };
 
 /// Length of each iperf3 run.
@@ -2172,7 +2172,7 @@ fn run() -> Result<()> {
             "target {:<42} {:<5} {:>8} (goal {}) {}",
             t.target,
             t.transport,
-            cell(t.value, 2),
+            t.shown,
             t.goal,
             match t.met {
                 Some(true) => "MET",

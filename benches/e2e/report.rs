@@ -420,6 +420,10 @@ pub struct Target {
     pub goal: String,
     /// Whether the value meets the goal; `None` when not measured.
     pub met: Option<bool>,
+    /// The value as the report prints it: two decimals, or as many more (up to four) as it
+    /// takes for the printed value to meet the goal exactly when the value does (0.696 against
+    /// ≥ 0.7 shows as 0.696, not as a missed 0.70); `–` when not measured.
+    pub shown: String,
 }
 
 /// A target's goal: at least or at most this ratio (or size).
@@ -447,6 +451,19 @@ impl Goal {
             Goal::AtMost(g) => value <= g,
         }
     }
+
+    /// `value` with the fewest decimals, from two to four, whose printed figure is judged as
+    /// the value is ([`Target::shown`]).
+    pub fn show(self, value: f64) -> String {
+        let judged = self.met(value);
+        (2..=4)
+            .map(|decimals| format!("{value:.decimals$}"))
+            .find(|text| {
+                text.parse()
+                    .is_ok_and(|printed| self.met(printed) == judged)
+            })
+            .unwrap_or_else(|| format!("{value:.4}"))
+    }
 }
 
 /// The targets of the issue (docs/performance.md, *Against the targets*), judged from one run's
@@ -473,6 +490,7 @@ pub fn targets(results: &[Measured]) -> Vec<Target> {
                 value,
                 goal: goal.text(),
                 met: value.map(|v| goal.met(v)),
+                shown: value.map_or_else(|| "–".to_string(), |v| goal.show(v)),
             })
         };
         add(
