@@ -1962,6 +1962,20 @@ fn unhex(text: &str) -> Vec<u8> {
         .collect()
 }
 
+/// `site init dev` in `store`, for tests of what a site keeps there.
+#[cfg(test)]
+pub(crate) fn init_for_test(store: &Store) -> SiteConfig {
+    let options = InitOptions {
+        name: "dev".into(),
+        link_hosts: vec![],
+        link_port: 1,
+        quic_port: None,
+        metrics_addr: None,
+        cert_lifetime: Duration::from_secs(60),
+    };
+    init(store, options).expect("site init in a temporary directory")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2013,18 +2027,7 @@ mod tests {
         use skiff_router::Hooks;
         let dir = tempfile::tempdir().unwrap();
         let store = Store::new(dir.path());
-        let config = init(
-            &store,
-            InitOptions {
-                name: "dev".into(),
-                link_hosts: vec![],
-                link_port: 1,
-                quic_port: None,
-                metrics_addr: None,
-                cert_lifetime: Duration::from_secs(60),
-            },
-        )
-        .unwrap();
+        let config = init_for_test(&store);
         let authority = Authority::from_pem(
             &store.read("ca.pem").unwrap(),
             &store.read("ca.key").unwrap(),

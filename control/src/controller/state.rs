@@ -200,18 +200,7 @@ mod tests {
     fn a_snapshot_round_trips_through_a_fresh_directory() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::new(dir.path().join("a"));
-        crate::init(
-            &store,
-            crate::InitOptions {
-                name: "dev".into(),
-                link_hosts: vec![],
-                link_port: 1,
-                quic_port: None,
-                metrics_addr: None,
-                cert_lifetime: Duration::from_secs(60),
-            },
-        )
-        .unwrap();
+        crate::site::init_for_test(&store);
         store
             .write("links/stg.pem", b"cert", Mode::Private)
             .unwrap();
