@@ -1014,6 +1014,12 @@ impl Site {
             }
             Some(_) => {}
         }
+        // Registered before the checks below, so that a creation finishing meanwhile is either
+        // still registered (this one is refused here) or already saved (the checks see it).
+        let _creating = match self.creating.begin(&name, issuer.id, &issuer.name) {
+            Ok(creation) => creation,
+            Err(message) => return admin::error(StatusCode::CONFLICT, message),
+        };
         if self.core.lock().links.iter().any(|l| l.name == name) {
             return admin::error(
                 StatusCode::CONFLICT,
@@ -1025,10 +1031,6 @@ impl Site {
                 return admin::error(StatusCode::CONFLICT, duplicate_message(config, &existing));
             }
         }
-        let _creating = match self.creating.begin(&name, issuer.id, &issuer.name) {
-            Ok(creation) => creation,
-            Err(message) => return admin::error(StatusCode::CONFLICT, message),
-        };
         let (key_pem, csr_pem) = match skiff_certs::generate_csr(config.id, &config.name) {
             Ok(pair) => pair,
             Err(e) => return admin::error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
