@@ -1078,8 +1078,9 @@ impl Site {
             quic_endpoints: token.spec.quic_endpoints.clone(),
             transport,
         };
-        // No other request creates this link or one to this site meanwhile (`_creating`); this
-        // holds should anything else have added one, before the certificate file is written.
+        // `_creating` keeps other requests from creating this link, or another to this site,
+        // meanwhile; this check still stops one added some other way, and runs before the
+        // certificate file is written, so that it cannot overwrite another link's.
         let clash = |state: &State| {
             let name = &record.name;
             if state.links.iter().any(|l| l.name == *name) {
