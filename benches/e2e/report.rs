@@ -456,7 +456,7 @@ impl Goal {
     /// the value is ([`Target::shown`]).
     pub fn show(self, value: f64) -> String {
         let judged = self.met(value);
-        (2..=4)
+        (2..4)
             .map(|decimals| format!("{value:.decimals$}"))
             .find(|text| {
                 text.parse()

@@ -43,7 +43,8 @@ pub fn snapshot(store: &Store) -> std::io::Result<Snapshot> {
         for entry in std::fs::read_dir(&links)? {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            // Only finished files: the store writes `.NAME.tmp` first and renames.
+            // Only finished files: the store writes a hidden temporary (`.NAME.pem.tmpPID.N`)
+            // first and renames it.
             if name.ends_with(".pem") && !name.starts_with('.') && entry.file_type()?.is_file() {
                 files.insert(format!("links.{name}"), std::fs::read(entry.path())?);
             }
