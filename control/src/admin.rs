@@ -588,10 +588,10 @@ impl Client {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::Duration;
 
     use tokio::io::AsyncWriteExt;
+    use tokio::sync::{oneshot, Notify};
 
     use super::*;
 
@@ -599,15 +599,22 @@ mod tests {
     async fn a_request_runs_to_its_end_when_the_client_goes_away() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("admin.sock");
-        let finished = Arc::new(AtomicBool::new(false));
+        // The handler says when it has started, then waits until the test lets it go on (a
+        // step that takes a while, like redeeming a token at another site), then says it ended.
+        let (started, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        let (ended_tx, ended) = oneshot::channel::<()>();
+        let ended_tx = Arc::new(std::sync::Mutex::new(Some(ended_tx)));
         let handler: Handler = {
-            let finished = finished.clone();
+            let (started, release) = (started.clone(), release.clone());
             Arc::new(move |_request| {
-                let finished = finished.clone();
+                let (started, release, ended_tx) =
+                    (started.clone(), release.clone(), ended_tx.clone());
                 Box::pin(async move {
-                    // A step that takes a while, like redeeming a token at another site.
-                    tokio::time::sleep(Duration::from_millis(300)).await;
-                    finished.store(true, Ordering::SeqCst);
+                    started.notify_one();
+                    release.notified().await;
+                    if let Some(tx) = ended_tx.lock().unwrap().take() {
+                        let _ = tx.send(());
+                    }
                     ok(&serde_json::json!({}))
                 })
             })
@@ -620,12 +627,15 @@ mod tests {
             .write_all(b"POST /v1/links HTTP/1.1\r\nhost: skiff\r\ncontent-length: 2\r\n\r\n{}")
             .await
             .unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        started.notified().await;
         drop(client);
+        // Let the server see the connection end (and, before the fix, drop the request).
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        release.notify_one();
 
-        tokio::time::sleep(Duration::from_millis(600)).await;
+        let ended = tokio::time::timeout(Duration::from_secs(5), ended).await;
         assert!(
-            finished.load(Ordering::SeqCst),
+            matches!(ended, Ok(Ok(()))),
             "the request was cut short when its client went away"
         );
         shutdown.cancel();
